@@ -1,0 +1,74 @@
+"""The ``ted-stream`` command: prepare a corpus, inspect a score table."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from .fingerprint import index_fingerprint
+from .prepare import read_corpus, write_mds
+from .table import FILENAME, ScoreTable, TableError
+
+
+def inspect(folder: str, table_dir: Optional[str] = None) -> dict[str, Any]:
+    """Summary of the dataset in ``folder`` and its score table."""
+    path = os.path.join(table_dir or os.path.join(folder, "ted"), FILENAME)
+    table = ScoreTable.load(path)
+    try:
+        matches = index_fingerprint([folder])["digest"] == table.fingerprint["digest"]
+    except FileNotFoundError:
+        matches = False
+    scored = table.scored
+    scores = table.score_array()[scored]
+    epochs = {}
+    for e, m in sorted(table.masks.items()):
+        kept = m.kept
+        epochs[str(e)] = {"kept": kept, "pruned": table.num_samples - kept,
+                          "boost_weight": m.boost_weight if m.boost is not None else None}
+    return {
+        "table": path, "num_samples": table.num_samples, "scored": int(scored.sum()),
+        "fingerprint": table.fingerprint["digest"], "fingerprint_matches": matches,
+        "score_mean": float(scores.mean()) if len(scores) else None,
+        "score_min": float(scores.min()) if len(scores) else None,
+        "score_max": float(scores.max()) if len(scores) else None,
+        "epochs": epochs,
+    }
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="ted-stream", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="write a .txt/.jsonl corpus as zstd MDS shards plus an empty table")
+    p.add_argument("corpus", help="a .jsonl file (one JSON object per line) or a text file (one sample per line)")
+    p.add_argument("out", help="empty output folder")
+    p.add_argument("--shard-size", type=int, default=1 << 26, help="shard size limit in bytes")
+    i = sub.add_parser("inspect", help="summarise a dataset's score table")
+    i.add_argument("folder", help="the dataset folder (holding index.json)")
+    i.add_argument("--table-dir", default=None, help="table folder if not <folder>/ted")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "prepare":
+            n = write_mds(read_corpus(args.corpus), args.out, args.shard_size)
+            print(f"wrote {n} samples to {args.out} (table in {os.path.join(args.out, 'ted')})")
+            return 0
+        info = inspect(args.folder, args.table_dir)
+    except (TableError, ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"ted-stream: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"{info['table']}: {info['num_samples']} samples, {info['scored']} scored, "
+              f"fingerprint {'matches' if info['fingerprint_matches'] else 'DOES NOT match'}")
+        for e, m in info["epochs"].items():
+            print(f"  epoch {e}: kept {m['kept']}, pruned {m['pruned']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

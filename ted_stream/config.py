@@ -1,0 +1,87 @@
+"""TEDConfig: every pruning knob, validated when it is built."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional
+
+POLICIES = ("ted", "random", "random-dynamic", "infobatch")
+RAMPS = ("cubic", "linear")
+
+
+@dataclass(frozen=True)
+class TEDConfig:
+    """How much to prune, when, and by which rule.
+
+    target: pruned fraction of the dataset once the ramp is done (for ``infobatch``: the
+        probability r of dropping a below-mean sample, so the saved fraction is lower).
+    epochs: total number of epochs; needed only for ``tail_epochs``.
+    warmup_epochs: leading epochs on all data (every sample gets a score).
+    ramp_epochs: epochs over which the pruned fraction rises from 0 to ``target``.
+    tail_epochs: final epochs on all data (annealing), counted back from ``epochs``.
+    ramp: ``cubic`` (fast early, gentle near the target) or ``linear``.
+    policy: ``ted`` (prune lowest scores), ``random`` (one fixed draw), ``random-dynamic``
+        (a new draw per epoch) or ``infobatch`` (drop a random r of the below-mean scores).
+    ema: weight of a new score in the per-sample moving average (1 = keep only the last).
+    explore: fraction of the lowest-scoring candidates re-admitted at random each epoch, so
+        stale scores can be refreshed.
+    monotone: once pruned, a sample stays pruned (otherwise re-selected every epoch).
+    rescale: weight the kept low-score samples up so the low-score region keeps its mass.
+    max_weight: cap on that weight.
+    seed: seed of every random choice the policy makes.
+    """
+
+    target: float = 0.3
+    epochs: Optional[int] = None
+    warmup_epochs: int = 1
+    ramp_epochs: int = 2
+    tail_epochs: int = 0
+    ramp: str = "cubic"
+    policy: str = "ted"
+    ema: float = 0.5
+    explore: float = 0.1
+    monotone: bool = False
+    rescale: bool = False
+    max_weight: float = 3.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def bad(name: str, expected: str) -> ValueError:
+            return ValueError(f"TEDConfig.{name}={getattr(self, name)!r} is invalid: expected {expected}")
+
+        if not 0.0 <= self.target < 1.0:
+            raise bad("target", "a fraction in [0, 1)")
+        for name in ("warmup_epochs", "ramp_epochs", "tail_epochs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise bad(name, "an integer >= 0")
+        if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 1):
+            raise bad("epochs", "None or an integer >= 1")
+        if self.tail_epochs and self.epochs is None:
+            raise bad("tail_epochs", "0 unless `epochs` is set (the tail is counted back from it)")
+        if self.epochs is not None and self.warmup_epochs + self.tail_epochs > self.epochs:
+            raise bad("warmup_epochs", f"warmup_epochs + tail_epochs <= epochs ({self.epochs})")
+        if self.ramp not in RAMPS:
+            raise bad("ramp", f"one of {RAMPS}")
+        if self.policy not in POLICIES:
+            raise bad("policy", f"one of {POLICIES}")
+        if not 0.0 < self.ema <= 1.0:
+            raise bad("ema", "a weight in (0, 1]")
+        if not 0.0 <= self.explore < 1.0:
+            raise bad("explore", "a fraction in [0, 1)")
+        if not self.max_weight >= 1.0:
+            raise bad("max_weight", "a number >= 1")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise bad("seed", "an integer >= 0")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TEDConfig":
+        """Build from a plain mapping (e.g. the ``"ted"`` block of a DeepSpeed config)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TED config key(s) {unknown}; expected some of {sorted(known)}")
+        return cls(**dict(values))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
