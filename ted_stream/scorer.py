@@ -110,15 +110,11 @@ class _Layer:
             if grad_b is not None:
                 self.grad_b = self.grad_b + grad_b
         self.calls += 1
-        return None
+        return None  # a tensor hook that returns a value would replace the gradient
 
     def take(self) -> Tensor:
         """This micro-batch's masked per-sample gradients, flattened to [B, |R| * (d + bias)]."""
-        if self.calls == 0 or self.grad_w is None:
-            raise RuntimeError(
-                f"the backward hook of {self.name!r} did not fire since the last compute(): was "
-                "backward() run, and does the loss depend on this layer's output?"
-            )
+        assert self.grad_w is not None
         parts = [self.grad_w.flatten(1)] + ([self.grad_b] if self.grad_b is not None else [])
         self.grad_w = self.grad_b = None
         self.calls = 0
@@ -193,6 +189,12 @@ class TaylorScorer:
         Collective when torch.distributed is initialised: every rank must call it once per
         micro-batch, in step.
         """
+        silent = [layer.name for layer in self._layers if layer.calls == 0]
+        if silent:
+            raise RuntimeError(
+                f"the backward hook of {', '.join(map(repr, silent))} did not fire since the last "
+                "compute(): was backward() run, and does the loss depend on these layers' outputs?"
+            )
         grads = torch.cat([layer.take() for layer in self._layers], dim=1)
         batch = grads.shape[0]
         weight = torch.as_tensor(loss_weight, dtype=grads.dtype, device=grads.device).expand(batch)

@@ -1,0 +1,47 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from ted_stream import TEDConfig, TEDStreamingDataset
+from ted_stream.cli import main
+
+CLI = [sys.executable, "-m", "ted_stream.cli"]
+
+
+def test_prepare_then_inspect(tmp_path, capsys):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"doc {i}", "n": i}) + "\n" for i in range(50)))
+    out = tmp_path / "mds"
+    assert main(["prepare", str(corpus), str(out), "--shard-size", "500"]) == 0
+    assert len([f for f in os.listdir(out) if f.endswith(".mds.zstd")]) > 1
+    ds = TEDStreamingDataset(local=str(out), batch_size=5, ted=TEDConfig(target=0.4, warmup_epochs=1, ramp_epochs=0))
+    ds.start_epoch(0)
+    ids = [s["ted_id"] for s in ds]
+    ds.record(ids, np.arange(len(ids), dtype=float))
+    ds.start_epoch(1)
+    del ds
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["num_samples"] == 50 and info["scored"] == 50 and info["fingerprint_matches"]
+    assert info["epochs"]["0"] == {"kept": 50, "pruned": 0, "boost_weight": None}
+    assert info["epochs"]["1"]["pruned"] == 20
+
+
+def test_cli_errors_are_readable(tmp_path):
+    text = tmp_path / "c.txt"
+    text.write_text("one\n\ntwo\n")
+    r = subprocess.run(CLI + ["prepare", str(text), str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 0 and "wrote 2 samples" in r.stdout
+    r = subprocess.run(CLI + ["prepare", str(text), str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2 and "already holds a dataset" in r.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n[1, 2]\n')
+    r = subprocess.run(CLI + ["prepare", str(bad), str(tmp_path / "b")], capture_output=True, text=True)
+    assert r.returncode == 2 and "bad.jsonl:2: expected a JSON object" in r.stderr
+    (tmp_path / "o" / "ted" / "table.tedt").write_bytes(b"garbage")
+    r = subprocess.run(CLI + ["inspect", str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2 and "not a ted_stream score table" in r.stderr

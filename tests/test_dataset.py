@@ -1,0 +1,211 @@
+"""TEDStreamingDataset on real MDS shards, through upstream's own machinery."""
+import gc
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+from streaming import StreamingDataLoader
+from streaming.base.batching import generate_work
+from streaming.base.world import World
+
+from conftest import make_corpus
+from ted_stream import TEDConfig, TEDStreamingDataset, TableError
+from ted_stream.table import ScoreTable
+
+BATCH = 8
+CFG = TEDConfig(target=0.5, warmup_epochs=1, ramp_epochs=1, explore=0.1, seed=3)
+
+
+def dataset(folder, cfg=CFG, **kw):
+    kw.setdefault("batch_size", BATCH)
+    kw.setdefault("shuffle", True)
+    return TEDStreamingDataset(local=folder, ted=cfg, **kw)
+
+
+def close(*datasets):
+    for ds in datasets:
+        del ds
+    gc.collect()
+
+
+def score_everything(ds):
+    """Epoch 0 (warm-up): see every sample once and score it."""
+    ds.start_epoch(0)
+    ids = np.array([s["ted_id"] for s in ds])
+    ds.record(ids, np.sin(ids * 1.7))  # arbitrary but fixed scores
+    return ids
+
+
+def test_pruned_ids_never_yielded_and_kept_ids_once(corpus):
+    ds = dataset(corpus)
+    ids0 = score_everything(ds)
+    assert sorted(ids0) == list(range(600))
+    for epoch in (1, 2):
+        mask = ds.start_epoch(epoch)
+        assert len(ds) == mask.kept < 600
+        ids = [s["ted_id"] for s in ds]
+        assert sorted(ids) == ds.kept_ids(epoch).tolist()  # kept ids, each exactly once
+        ds.record(ids, np.cos(np.array(ids)))
+    assert mask.kept % BATCH == 0
+
+
+def test_samples_keep_their_columns_and_weights(corpus):
+    cfg = TEDConfig(target=0.5, warmup_epochs=1, ramp_epochs=0, explore=0.5, rescale=True, max_weight=2.0)
+    ds = dataset(corpus, cfg)
+    score_everything(ds)
+    mask = ds.start_epoch(1)
+    weights = {}
+    for s in ds:
+        assert s["text"] == f"sample number {s['ted_id']}" and s["label"] == s["ted_id"] % 5
+        weights[s["ted_id"]] = s["ted_weight"]
+    ids = np.array(sorted(weights))
+    np.testing.assert_array_equal([weights[i] for i in ids], mask.weights(ids))
+    assert set(weights.values()) == {1.0, 2.0}
+
+
+def test_pruning_epoch_without_start_epoch_is_an_error(corpus):
+    ds = dataset(corpus)
+    assert len([s for s in ds]) == 600  # warm-up epoch 0 needs no mask
+    with pytest.raises(RuntimeError, match=r"call start_epoch\(1\)"):
+        next(iter(ds))
+
+
+@pytest.mark.parametrize("nodes,ranks", [(1, 4), (2, 2), (4, 1)])
+def test_equal_per_rank_counts_across_topologies(corpus, nodes, ranks):
+    ds = dataset(corpus)
+    score_everything(ds)
+    workers = 2
+    # Freeze the mask as a job of this shape would: kept count a multiple of ranks x batch.
+    ds._parallel_rank_world = World(nodes, ranks, 1, 0)
+    mask = ds.start_epoch(1)
+    assert mask.kept % (nodes * ranks * BATCH) == 0
+    ds.num_canonical_nodes, ds.shuffle_block_size = 4, 1 << 18
+    world = World(nodes, ranks, workers, 0)
+    work = generate_work(ds.batching_method, ds, world, 1, 0)
+    assert work.shape[:3] == (nodes, ranks, workers)
+    per_rank = (work.reshape(nodes * ranks, -1) >= 0).sum(axis=1)
+    assert (per_rank == mask.kept // (nodes * ranks)).all()  # equal, and no padding needed
+    flat = work[work >= 0]
+    assert sorted(flat.tolist()) == ds.kept_ids(1).tolist()  # every kept id exactly once
+
+
+def test_padding_only_repeats_kept_ids(corpus):
+    """Upstream pads uneven splits by repeating samples; they must be kept ones too."""
+    ds = dataset(corpus, batch_size=7)
+    score_everything(ds)
+    mask = ds.start_epoch(1)
+    ds.num_canonical_nodes, ds.shuffle_block_size = 3, 1 << 18
+    work = generate_work(ds.batching_method, ds, World(1, 3, 1, 0), 1, 0)
+    flat = work[work >= 0]
+    assert set(flat.tolist()) == set(ds.kept_ids(1).tolist())
+    assert mask.keeps(flat).all()
+
+
+def run_loader(ds, epoch, num_workers=0, stop_after=None, **kw):
+    loader = StreamingDataLoader(ds, batch_size=BATCH, num_workers=num_workers, **kw)
+    seen, state = [], None
+    for i, batch in enumerate(loader):
+        seen += batch["ted_id"].tolist()
+        if stop_after is not None and i + 1 == stop_after:
+            state = loader.state_dict()
+            break
+    return seen, state, loader
+
+
+def test_mid_epoch_resume_yields_exactly_the_remainder(corpus):
+    ds = dataset(corpus)
+    score_everything(ds)
+    ds.start_epoch(1)
+    head, state, _ = run_loader(ds, 1, stop_after=5)
+    close(ds)
+    # Uninterrupted reference: a fresh process view of the same table and epoch.
+    ref = dataset(corpus)
+    ref.load_state_dict({**state, "sample_in_epoch": 0})
+    ref.start_epoch(1)
+    full, _, _ = run_loader(ref, 1)
+    close(ref)
+    assert full[:len(head)] == head
+    resumed = dataset(corpus)
+    loader = StreamingDataLoader(resumed, batch_size=BATCH)
+    loader.load_state_dict(state)
+    resumed.start_epoch(1)  # already frozen: the same mask comes back
+    rest = [i for b in loader for i in b["ted_id"].tolist()]
+    assert head + rest == full
+    assert len(full) == len(set(full)) == resumed.table.masks[1].kept
+
+
+def test_resume_against_a_different_mask_is_refused(corpus):
+    ds = dataset(corpus)
+    score_everything(ds)
+    ds.start_epoch(1)
+    _, state, _ = run_loader(ds, 1, stop_after=2)
+    path = ds.table_path
+    close(ds)
+    table = ScoreTable.load(path)
+    table.masks[1] = type(table.masks[1]).from_bools(1, np.arange(600) % 2 == 0)
+    table.save()
+    other = dataset(corpus)
+    with pytest.raises(ValueError, match="cannot resume epoch 1: the checkpoint's keep-mask"):
+        other.load_state_dict(state)
+
+
+def test_dataloader_workers_see_the_mask(corpus):
+    # One loader for the whole run: upstream cannot iterate an instance in-process and then
+    # in forked workers (its barrier lock is inherited).
+    ds = dataset(corpus)
+    for epoch in range(3):
+        mask = ds.start_epoch(epoch)
+        seen, _, _ = run_loader(ds, epoch, num_workers=2)
+        assert sorted(seen) == ds.kept_ids(epoch).tolist()
+        assert mask.keeps(seen).all()
+        ds.record(seen, np.sin(np.array(seen) * 1.7))
+    assert mask.kept < 600
+
+
+def test_persistent_workers_pick_up_new_masks(corpus):
+    ds = dataset(corpus, CFG.__class__(**{**CFG.to_dict(), "policy": "random-dynamic"}))
+    loader = StreamingDataLoader(ds, batch_size=BATCH, num_workers=2, persistent_workers=True)
+    for epoch in range(3):
+        ds.start_epoch(epoch)
+        seen = [i for b in loader for i in b["ted_id"].tolist()]
+        assert sorted(seen) == ds.kept_ids(epoch).tolist()
+    assert ds.kept_ids(1).tolist() != ds.kept_ids(2).tolist()
+
+
+def test_table_persisted_beside_the_shards_and_reloaded(corpus):
+    ds = dataset(corpus)
+    score_everything(ds)
+    mask = ds.start_epoch(1)
+    assert ds.table_path == os.path.join(corpus, "ted", "table.tedt")
+    close(ds)
+    again = dataset(corpus)
+    assert again.table.masks[1].crc == mask.crc and again.table.scored.all()
+
+
+def test_fingerprint_mismatch_refuses_the_table(corpus, tmp_path):
+    other = make_corpus(tmp_path / "other", 599)
+    shutil.copy(os.path.join(corpus, "ted", "table.tedt"), os.path.join(other, "ted", "table.tedt"))
+    with pytest.raises(TableError, match="belongs to another dataset"):
+        dataset(other)
+    assert os.path.exists(os.path.join(other, "ted", "table.tedt"))
+
+
+def test_bad_arguments(corpus):
+    with pytest.raises(ValueError, match=r"unknown TED config key\(s\) \['targt'\]"):
+        dataset(corpus, {"targt": 0.2})
+    with pytest.raises(TypeError, match="ted=3 is invalid"):
+        dataset(corpus, 3)
+    ds = dataset(corpus)
+    with pytest.raises(ValueError, match="epoch=-1 is invalid"):
+        ds.start_epoch(-1)
+    with pytest.raises(ValueError, match="3 ids but 2 scores"):
+        ds.record([1, 2, 3], [0.1, 0.2])
+
+
+def test_local_world_size_from_deepspeed_launcher(corpus, monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_SIZE", "1")
+    dataset(corpus)
+    assert os.environ["LOCAL_WORLD_SIZE"] == "1"

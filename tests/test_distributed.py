@@ -1,0 +1,55 @@
+"""start_epoch is collective: two gloo ranks end with identical tables and bit-identical masks."""
+import os
+import socket
+
+import numpy as np
+import torch.multiprocessing as mp
+
+from conftest import make_corpus
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, folder, port, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.pop("LOCAL_WORLD_SIZE", None)  # as under the deepspeed launcher
+    import torch.distributed as dist
+
+    from ted_stream import TEDConfig, TEDStreamingDataset
+
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    ds = TEDStreamingDataset(local=folder, batch_size=4, shuffle=True,
+                             ted=TEDConfig(target=0.5, warmup_epochs=1, ramp_epochs=0, seed=rank * 0))
+    ds.start_epoch(0)
+    ids = np.array([s["ted_id"] for s in ds])  # this rank's half of the epoch
+    # Each rank scores only its own samples; rank 1 adds a rank-dependent twist so that a
+    # missing merge would show up as different tables.
+    ds.record(ids, ids * (1.0 + rank))
+    mask = ds.start_epoch(1)
+    kept = np.array([s["ted_id"] for s in ds])
+    np.savez(os.path.join(out, f"rank{rank}.npz"), ids=ids, kept=kept, keep=mask.keep,
+             scores=ds.table.scores, updated=ds.table.updated, lws=int(os.environ["LOCAL_WORLD_SIZE"]))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_two_ranks_share_scores_and_mask(tmp_path):
+    folder = make_corpus(tmp_path / "data", 200)
+    mp.spawn(_rank_main, args=(folder, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (np.load(tmp_path / f"rank{r}.npz") for r in range(2))
+    assert int(r0["lws"]) == 2  # LOCAL_WORLD_SIZE derived from LOCAL_SIZE
+    assert len(set(r0["ids"]) & set(r1["ids"])) == 0
+    assert sorted(np.concatenate([r0["ids"], r1["ids"]])) == list(range(200))
+    np.testing.assert_array_equal(r0["keep"], r1["keep"])
+    np.testing.assert_array_equal(r0["scores"], r1["scores"])
+    assert (r0["updated"] > 0).all()
+    keep = np.unpackbits(r0["keep"], bitorder="little", count=200).astype(bool)
+    assert keep.sum() == 104  # 100 rounded up to a multiple of 2 ranks x batch 4
+    kept = np.concatenate([r0["kept"], r1["kept"]])
+    assert len(r0["kept"]) == len(r1["kept"]) == 52
+    assert sorted(kept) == np.flatnonzero(keep).tolist()

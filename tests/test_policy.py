@@ -1,0 +1,101 @@
+import numpy as np
+import pytest
+
+from ted_stream import TEDConfig
+from ted_stream.policy import select
+from ted_stream.table import ScoreTable
+
+FP = {"digest": "c" * 64}
+
+
+def table(n=1000, scored=None, seed=0):
+    t = ScoreTable(n, FP, ema=1.0)
+    ids = np.arange(n) if scored is None else scored
+    t.record(ids, np.random.default_rng(seed).normal(size=len(ids)))
+    return t
+
+
+def unpack(mask):
+    return np.unpackbits(mask.keep, bitorder="little", count=mask.num_samples).astype(bool)
+
+
+def test_warmup_keeps_everything():
+    m = select(TEDConfig(target=0.5, warmup_epochs=2), table(), 1)
+    assert m.kept == 1000 and m.boost is None
+
+
+def test_ted_prunes_exactly_the_lowest_scores_without_exploration():
+    t = table()
+    m = select(TEDConfig(target=0.3, warmup_epochs=1, ramp_epochs=0, explore=0.0), t, 1)
+    keep = unpack(m)
+    assert m.kept == 700
+    assert t.score_array()[~keep].max() <= t.score_array()[keep].min()
+
+
+def test_ted_never_prunes_unscored_samples():
+    t = table(scored=np.arange(0, 1000, 2))
+    m = select(TEDConfig(target=0.6, warmup_epochs=0, ramp_epochs=0), t, 0)
+    keep = unpack(m)
+    assert keep[1::2].all()
+    assert m.kept == 500  # only 500 scored samples can be pruned
+
+
+def test_exploration_readmits_some_low_scores():
+    t = table()
+    m = select(TEDConfig(target=0.3, warmup_epochs=0, ramp_epochs=0, explore=0.25), t, 0)
+    keep = unpack(m)
+    order = np.argsort(t.score_array())
+    assert m.kept == 700
+    assert keep[order[:300]].sum() > 0  # some of the 300 lowest come back
+    assert keep[order[400:]].all()  # pool is 300 / 0.75 = 400 lowest
+
+
+def test_mask_is_a_pure_function_of_snapshot_epoch_seed():
+    cfg = TEDConfig(target=0.4, warmup_epochs=0, ramp_epochs=0, explore=0.2)
+    a, b = select(cfg, table(), 3), select(cfg, table(), 3)
+    assert a.crc == b.crc
+    assert select(cfg, table(), 4).crc != a.crc
+    assert select(TEDConfig(**{**cfg.to_dict(), "seed": 1}), table(), 3).crc != a.crc
+
+
+def test_kept_count_rounded_up_to_granule():
+    m = select(TEDConfig(target=0.33, warmup_epochs=0, ramp_epochs=0), table(1000), 0, granule=64)
+    assert m.kept % 64 == 0 and m.kept >= 670
+
+
+def test_monotone_keeps_pruned_samples_out():
+    cfg = TEDConfig(target=0.5, warmup_epochs=0, ramp_epochs=3, ramp="linear", monotone=True, explore=0.0)
+    t = table()
+    t.masks[0] = select(cfg, t, 0)
+    t.record(np.arange(1000), np.random.default_rng(9).normal(size=1000))  # scores reshuffle
+    m1 = select(cfg, t, 1)
+    assert not (unpack(m1) & ~unpack(t.masks[0])).any()
+    assert m1.kept < t.masks[0].kept
+
+
+def test_random_static_is_nested_and_dynamic_redraws():
+    t = table()
+    static = TEDConfig(target=0.5, warmup_epochs=0, ramp_epochs=2, ramp="linear", policy="random")
+    e0, e1 = unpack(select(static, t, 0)), unpack(select(static, t, 1))
+    assert e0.sum() == 750 and e1.sum() == 500 and not (e1 & ~e0).any()
+    dyn = TEDConfig(target=0.5, warmup_epochs=0, ramp_epochs=0, policy="random-dynamic")
+    d1, d2 = unpack(select(dyn, t, 1)), unpack(select(dyn, t, 2))
+    assert d1.sum() == d2.sum() == 500 and (d1 != d2).any()
+
+
+def test_infobatch_prunes_below_mean_and_reweights():
+    t = table()
+    m = select(TEDConfig(target=0.5, warmup_epochs=0, ramp_epochs=0, policy="infobatch"), t, 0)
+    keep, s = unpack(m), t.score_array()
+    below = s < s.mean()
+    assert keep[~below].all()
+    assert (~keep).sum() == round(0.5 * below.sum())
+    boosted = np.unpackbits(m.boost, bitorder="little", count=1000).astype(bool)
+    assert (boosted == (below & keep)).all()
+    assert m.boost_weight == pytest.approx(below.sum() / (below & keep).sum())
+
+
+def test_ted_rescale_weight_is_capped():
+    cfg = TEDConfig(target=0.5, warmup_epochs=0, ramp_epochs=0, explore=0.5, rescale=True, max_weight=1.5)
+    m = select(cfg, table(), 0)
+    assert m.boost is not None and m.boost_weight == 1.5
