@@ -38,15 +38,22 @@ WORLD = 2
 SHM = Path("/dev/shm")
 
 # name -> (layer patterns, rows per layer); None rows = every row
+BLOCKS = ("*.self_attn.*", "*.mlp.*")
 MASKS = {
     "lm_head/64": (("lm_head",), 64),
     "lm_head/256": (("lm_head",), 256),
     "down_proj/16": (("*.mlp.down_proj",), 16),
     "down_proj/64": (("*.mlp.down_proj",), 64),
-    "lm_head/256+down_proj/64": None,  # two scorers' sums, see combined()
+    "down_proj, full": (("*.mlp.down_proj",), None),
+    "mlp/64": (("*.mlp.*",), 64),
+    "blocks/16": (BLOCKS, 16),
+    "blocks/64": (BLOCKS, 64),
+    "all linear/16": (("*",), 16),
+    "all linear/64": (("*",), 64),
     "all linear, full": (("*",), None),
 }
-TIMED = ("off", "lm_head/256", "down_proj/16", "down_proj/64", "lm_head/256+down_proj/64", "all linear, full")
+TIMED = ("off", "lm_head/256", "down_proj/64", "blocks/16", "all linear/16", "blocks/64", "all linear, full")
+GROUPS = ("embed_tokens", "self_attn", "mlp", "norm", "lm_head")  # parameter-name substrings
 
 
 def tokenize(vocab: int, seq: int) -> torch.Tensor:
@@ -82,8 +89,6 @@ def build_model(args: argparse.Namespace):
 def scorers_for(model, name: str, seed: int) -> list[TaylorScorer]:
     if name == "off":
         return []
-    if name == "lm_head/256+down_proj/64":
-        return scorers_for(model, "lm_head/256", seed) + scorers_for(model, "down_proj/64", seed)
     layers, rows = MASKS[name]
     return [TaylorScorer(model, layers=layers, rows=rows, seed=seed)]
 
@@ -149,6 +154,7 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def all_parameter_scores(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Exact statistics over every parameter, plus each parameter group's share of sqnorm."""
     grads = []
     for i in range(len(ids)):
         model.zero_grad(set_to_none=True)
@@ -157,7 +163,13 @@ def all_parameter_scores(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     g = torch.stack(grads)
     s = g @ g.mean(0)
     sq = (g * g).sum(1)
-    return {"sqnorm": sq, "s": s, "d": sq - s}
+    out = {"sqnorm": sq, "s": s, "d": sq - s}
+    offset = 0
+    for name, p in model.named_parameters():
+        group = next(k for k in GROUPS if k in name)
+        out[f"share:{group}"] = out.get(f"share:{group}", 0) + (g[:, offset : offset + p.numel()] ** 2).sum(1) / sq
+        offset += p.numel()
+    return out
 
 
 def correlations(args: argparse.Namespace, tmp: str) -> dict[str, dict[str, float]]:
@@ -182,7 +194,14 @@ def correlations(args: argparse.Namespace, tmp: str) -> dict[str, dict[str, floa
         for stat, v in all_parameter_scores(model, ids).items():
             pooled["all"][stat].append(v)
     ref = {stat: torch.cat(v) for stat, v in pooled["all"].items()}
-    return {m: {stat: spearman(torch.cat(pooled[m][stat]), ref[stat]) for stat in ref} for m in MASKS}
+    stats = ("sqnorm", "s", "d")
+    corr = {m: {stat: spearman(torch.cat(pooled[m][stat]), ref[stat]) for stat in stats} for m in MASKS}
+    # against every linear layer in full: the sampling error alone, without the embedding's part
+    linear = {stat: torch.cat(pooled["all linear, full"][stat]) for stat in stats}
+    corr_linear = {m: {stat: spearman(torch.cat(pooled[m][stat]), linear[stat]) for stat in stats} for m in MASKS}
+    spread = {stat: float(ref[stat].std() / ref[stat].mean().abs()) for stat in ("sqnorm", "s")}
+    shares = {k.split(":")[1]: float(v.mean()) for k, v in ref.items() if k.startswith("share:")}
+    return {"spearman": corr, "spearman_vs_linear": corr_linear, "relative_spread": spread, "sqnorm_share": shares}
 
 
 def free_port() -> int:
@@ -225,9 +244,13 @@ def main() -> None:
     print("\n| mode | median step (s) | ratio to off |\n|---|---|---|")
     for m in TIMED:
         print(f"| {m} | {median[m]:.3f} | {median[m] / median['off']:.3f} |")
-    print("\n| mask | Spearman sqnorm | Spearman s | Spearman d |\n|---|---|---|---|")
-    for m, c in corr.items():
-        print(f"| {m} | {c['sqnorm']:.3f} | {c['s']:.3f} | {c['d']:.3f} |")
+    print("\nSpearman with all-parameter scores (left) and with all-linear-layer scores (right)")
+    print("| mask | sqnorm | s | d | sqnorm vs linear | s vs linear | d vs linear |\n|---|---|---|---|---|---|---|")
+    for m, c in corr["spearman"].items():
+        cl = corr["spearman_vs_linear"][m]
+        print(f"| {m} | {c['sqnorm']:.3f} | {c['s']:.3f} | {c['d']:.3f} | {cl['sqnorm']:.3f} | {cl['s']:.3f} | {cl['d']:.3f} |")
+    print(f"\nall-parameter std/|mean| across samples: {corr['relative_spread']}")
+    print(f"mean share of all-parameter sqnorm by group: {corr['sqnorm_share']}")
     print(f"\ntotal wall time {time.perf_counter() - t0:.0f} s")
 
 
