@@ -68,7 +68,7 @@ def _drop_and_boost(epoch: int, keep: np.ndarray, group: np.ndarray, drop: np.nd
                     max_weight: float) -> EpochMask:
     """Drop ``drop``; the kept rest of ``group`` carries its mass, weighted |group| / |kept|."""
     keep[drop] = False
-    survivors = len(group) - len(np.intersect1d(group, drop))
+    survivors = int(keep[group].sum())
     if len(drop) == 0 or survivors == 0:
         return EpochMask.from_bools(epoch, keep)
     boost = np.zeros(len(keep), dtype=bool)
