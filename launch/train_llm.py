@@ -1,0 +1,570 @@
+"""Train (or fine-tune) a Llama-architecture language model with TED data pruning under DeepSpeed.
+
+    deepspeed --num_gpus 2 launch/train_llm.py                    # 2 ranks (CPU ranks here)
+    torchrun --nproc_per_node 2 launch/train_llm.py --config launch/configs/zero3.json
+    python launch/train_llm.py                                    # 1 process
+    deepspeed --num_gpus 2 launch/train_llm.py --resume           # continue from the latest checkpoint
+
+The DeepSpeed JSON config (``--config``, default launch/configs/zero2.json) carries a ``"ted"``
+block: the fields of ``ted_stream.TEDConfig`` plus a ``"scorer"`` sub-block (layers, rows,
+reading, ref_ema, seed). The block is validated before anything starts and removed before the
+config reaches ``deepspeed.initialize``. See docs/train_llm.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))  # ted_stream from a source checkout, too
+
+DEFAULT_CONFIG = os.path.join(HERE, "configs", "zero2.json")
+SCORER_DEFAULTS = {"layers": ["lm_head", "model.layers.*.mlp.down_proj"], "rows": 64, "reading": "d",
+                   "ref_ema": 0.0, "seed": 0}
+READINGS = ("d", "s", "abs_s", "sqnorm", "loss")
+TABLE_IN_CHECKPOINT = "ted_table.tedt"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+# ---- configuration (no heavy imports: a bad config fails in a fraction of a second) ----------
+def split_config(raw: dict[str, Any], epochs: int) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+    """(DeepSpeed config without "ted", TEDConfig, scorer settings) from a loaded JSON config.
+
+    Raises ConfigError naming any unknown or invalid key.
+    """
+    from ted_stream.config import TEDConfig
+
+    ds_config = dict(raw)
+    block = ds_config.pop("ted", None)
+    if block is None:
+        block = {}
+    if not isinstance(block, dict):
+        raise ConfigError(f'"ted" must be a JSON object, got {type(block).__name__}')
+    block = dict(block)
+    scorer = block.pop("scorer", None) or {}
+    if not isinstance(scorer, dict):
+        raise ConfigError(f'"ted.scorer" must be a JSON object, got {type(scorer).__name__}')
+    unknown = sorted(set(scorer) - set(SCORER_DEFAULTS))
+    if unknown:
+        raise ConfigError(f'unknown key(s) {unknown} in "ted.scorer"; expected some of {sorted(SCORER_DEFAULTS)}')
+    scorer = {**SCORER_DEFAULTS, **scorer}
+    if scorer["reading"] not in READINGS:
+        raise ConfigError(f'"ted.scorer.reading" = {scorer["reading"]!r} is invalid: expected one of {READINGS}')
+    if scorer["rows"] is not None and (not isinstance(scorer["rows"], int) or scorer["rows"] < 1):
+        raise ConfigError(f'"ted.scorer.rows" = {scorer["rows"]!r} is invalid: expected null or an integer >= 1')
+    if isinstance(scorer["layers"], str):
+        scorer["layers"] = [scorer["layers"]]
+    if "epochs" in block and block["epochs"] is not None and block["epochs"] != epochs:
+        raise ConfigError(f'"ted.epochs" = {block["epochs"]} but the run has --epochs {epochs}; '
+                          "drop one of them or make them agree")
+    block["epochs"] = epochs
+    try:
+        ted = TEDConfig.from_dict(block)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f'invalid "ted" block: {e}') from None
+    return ds_config, ted, scorer
+
+
+def load_config(args: argparse.Namespace) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+    try:
+        with open(args.config) as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read DeepSpeed config {args.config}: {e}") from None
+    ds_config, ted, scorer = split_config(raw, args.epochs)
+    if args.micro_batch:
+        ds_config["train_micro_batch_size_per_gpu"] = args.micro_batch
+        ds_config.pop("train_batch_size", None)
+    if args.lr is not None:
+        ds_config.setdefault("optimizer", {}).setdefault("params", {})["lr"] = args.lr
+        sched = ds_config.get("scheduler", {}).get("params", {})
+        if "warmup_max_lr" in sched:
+            sched["warmup_max_lr"] = args.lr
+    if "train_micro_batch_size_per_gpu" not in ds_config:
+        raise ConfigError("the DeepSpeed config needs train_micro_batch_size_per_gpu (the per-rank batch "
+                          "the streaming loader is built with)")
+    return ds_config, ted, scorer
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="DeepSpeed JSON config with a \"ted\" block")
+    p.add_argument("--out", default="runs/llm", help="run folder (metrics, checkpoints, plot)")
+    p.add_argument("--data-root", default=None,
+                   help="where prepared shards live (default <out>/data); '{node}' is replaced by the "
+                        "node rank for per-node local copies")
+    p.add_argument("--table-dir", default=None, help="score table folder (default: beside the shards)")
+    p.add_argument("--model", default=None,
+                   help="fine-tune a pretrained model: a Hugging Face folder, a .gguf file, or 'smollm2'")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--max-docs", type=int, default=300, help="training documents used (0 = all 3,4k)")
+    p.add_argument("--max-samples", type=int, default=0, help="cap on training windows (0 = no cap)")
+    p.add_argument("--max-eval", type=int, default=64, help="held-out windows evaluated each epoch")
+    p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary (scratch model only)")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--micro-batch", type=int, default=0, help="override train_micro_batch_size_per_gpu")
+    p.add_argument("--lr", type=float, default=None, help="override the optimizer's (and warm-up's) lr")
+    p.add_argument("--seed", type=int, default=0, help="model init and data shuffle seed")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / local ranks)")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N optimizer steps (0: never)")
+    p.add_argument("--keep-checkpoints", type=int, default=2)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in <out>")
+    p.add_argument("--log-ids", action="store_true", help="write each rank's sample ids per step to <out>/ids/")
+    p.add_argument("--kill-after-step", type=int, default=0,
+                   help="testing: SIGKILL every rank right after optimizer step N (and its checkpoint)")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    return p.parse_args(argv)
+
+
+# ---- distributed setup ---------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def single_process_env() -> None:
+    """`python launch/train_llm.py`: a world of one."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", LOCAL_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # The deepspeed launcher sets LOCAL_SIZE only; streaming counts nodes by LOCAL_WORLD_SIZE.
+    if "LOCAL_WORLD_SIZE" not in os.environ:
+        os.environ["LOCAL_WORLD_SIZE"] = os.environ.get("LOCAL_SIZE", os.environ.get("WORLD_SIZE", "1"))
+
+
+class Ctx:
+    """Rank layout and a few collectives over torch.distributed."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.local_world = int(os.environ["LOCAL_WORLD_SIZE"])
+        self.node = self.rank // self.local_world
+        self.is_leader = self.rank == 0
+        self.is_local_leader = self.local_rank == 0
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+    def sum(self, values: list[float]) -> list[float]:
+        import torch
+
+        t = torch.tensor(values, dtype=torch.float64)
+        if self.world > 1:
+            self.dist.all_reduce(t)
+        return t.tolist()
+
+    def gather(self, value: int) -> list[int]:
+        out = [None] * self.world
+        self.dist.all_gather_object(out, value)
+        return out
+
+    def log(self, msg: str) -> None:
+        if self.is_leader:
+            print(f"[train_llm] {msg}", flush=True)
+
+
+# ---- small helpers ---------------------------------------------------------------------------
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    import torch
+
+    return {
+        "input_ids": torch.tensor([s["input_ids"] for s in samples], dtype=torch.long),
+        "ted_id": torch.tensor([s["ted_id"] for s in samples], dtype=torch.long),
+        "ted_weight": torch.tensor([s["ted_weight"] for s in samples], dtype=torch.float32),
+    }
+
+
+def pick_score(scores: Any, reading: str) -> Any:
+    if reading == "d":
+        return scores.d
+    if reading == "s":
+        return scores.s
+    if reading == "abs_s":
+        return scores.s.abs()
+    if reading == "sqnorm":
+        return scores.sqnorm
+    return scores.loss
+
+
+def filter_jsonl(path: str, keep) -> None:
+    """Rewrite a JSONL file keeping the rows where keep(row) is true (resume: drop redone work)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for row in rows:
+            if keep(row):
+                f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+def latest_tag(ckpt_dir: str) -> Optional[str]:
+    try:
+        with open(os.path.join(ckpt_dir, "latest")) as f:
+            return f.read().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def copy_atomic(src: str, dst: str) -> None:
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = f"{dst}.tmp-{os.getpid()}"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def unlink_deepspeed_shm() -> None:
+    """DeepSpeed's CPU allreduce leaves ~66 MB buffers in /dev/shm named after this job's port."""
+    prefix = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+              f"{os.environ.get('MASTER_PORT', '')}_")
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(prefix):
+            try:
+                os.unlink(os.path.join("/dev/shm", name))
+            except OSError:
+                pass
+
+
+def build_model(args: argparse.Namespace, vocab_size: int, eot_id: int):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if args.model:
+        from llm_data import model_files
+
+        folder, gguf = model_files(args.model)
+        kw = {"gguf_file": gguf} if gguf else {}
+        return AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32, **kw)
+    torch.manual_seed(args.seed)
+    heads = args.heads
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
+        num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=args.seq_len, bos_token_id=eot_id, eos_token_id=eot_id,
+        tie_word_embeddings=False, attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def plot(out: str, epochs: list[dict[str, Any]], steps: list[dict[str, Any]]) -> Optional[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not epochs:
+        return None
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ep = [r["epoch"] for r in epochs]
+    if steps:
+        per_epoch = {}
+        for r in steps:
+            per_epoch.setdefault(r["epoch"], []).append(r["loss"])
+        a1.plot([e + 0.5 for e in sorted(per_epoch)], [sum(v) / len(v) for _, v in sorted(per_epoch.items())],
+                "o--", color="tab:gray", label="train loss (epoch mean)")
+    a1.plot([e + 1 for e in ep], [r["eval_loss"] for r in epochs], "o-", color="tab:blue",
+            label="held-out loss (end of epoch)")
+    a1.set_xlabel("epoch")
+    a1.set_ylabel("loss (nats/token)")
+    a1.legend()
+    a1.grid(alpha=0.3)
+    a2.bar(ep, [r["kept"] / r["num_samples"] for r in epochs], color="tab:green", alpha=0.6,
+           label="kept fraction")
+    a2.plot(ep, [r["saved_so_far"] for r in epochs], "s-", color="tab:red", label="measured saved so far")
+    a2.set_xlabel("epoch")
+    a2.set_ylim(0, 1.05)
+    a2.legend()
+    a2.grid(alpha=0.3)
+    fig.suptitle(f"TED-pruned LM training: {os.path.basename(os.path.abspath(out))}")
+    fig.tight_layout()
+    path = os.path.join(out, "curves.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---- the run ---------------------------------------------------------------------------------
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        ds_config, ted, scorer_cfg = load_config(args)
+    except ConfigError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"train_llm: {e}", file=sys.stderr, flush=True)
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    single_process_env()
+
+    import numpy as np
+    import torch
+    import deepspeed
+    from streaming import StreamingDataLoader
+    from tqdm import tqdm
+
+    import llm_data
+    from ted_stream import TEDStreamingDataset
+    from ted_stream.scorer import TaylorScorer, per_sample_lm_loss, predicted_igd
+    from ted_stream.table import FILENAME
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or max(1, cores // int(os.environ["LOCAL_WORLD_SIZE"])))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    ctx = Ctx()
+    out = args.out
+    ckpt_dir = os.path.join(out, "checkpoints")
+    resume_tag = latest_tag(ckpt_dir) if args.resume else None
+    if args.resume and resume_tag is None:
+        ctx.log(f"--resume: no checkpoint in {ckpt_dir}; starting from scratch")
+    if ctx.is_leader:
+        os.makedirs(out, exist_ok=True)
+        if resume_tag is None:  # a fresh run: nothing of an earlier one may leak in
+            for stale in ("checkpoints", "ids", "metrics.jsonl"):
+                path = os.path.join(out, stale)
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else (
+                    os.path.exists(path) and os.unlink(path))
+    ctx.barrier()
+
+    # -- data: rank 0 prepares, then the leader of any node without its own copy; others wait
+    root = (args.data_root or os.path.join(out, "data")).replace("{node}", str(ctx.node))
+    data_dir = os.path.join(root, llm_data.data_tag(args.model, args.vocab_size, args.seq_len,
+                                                    args.max_docs or None, args.max_samples or None))
+    prep = dict(seq_len=args.seq_len, vocab_size=args.vocab_size, model=args.model,
+                max_docs=args.max_docs or None, max_samples=args.max_samples or None,
+                max_eval=args.max_eval, log=ctx.log)
+    if ctx.is_leader:
+        llm_data.prepare(data_dir, **prep)
+    ctx.barrier()
+    if ctx.is_local_leader and not ctx.is_leader:
+        llm_data.prepare(data_dir, **prep)
+    ctx.barrier()
+    with open(os.path.join(data_dir, "meta.json")) as f:
+        meta = json.load(f)
+    tok = llm_data.load_tokenizer(data_dir, args.model)
+
+    # -- the score table: fresh for a new run, the checkpoint's copy for a resumed one
+    table_dir = args.table_dir.replace("{node}", str(ctx.node)) if args.table_dir else os.path.join(data_dir, "ted")
+    table_path = os.path.join(table_dir, FILENAME)
+    if ctx.is_local_leader:
+        if resume_tag is None:
+            if os.path.exists(table_path):
+                os.unlink(table_path)
+        else:
+            copy_atomic(os.path.join(ckpt_dir, resume_tag, TABLE_IN_CHECKPOINT), table_path)
+    ctx.barrier()
+
+    micro = int(ds_config["train_micro_batch_size_per_gpu"])
+    gas = int(ds_config.get("gradient_accumulation_steps", 1))
+    ds = TEDStreamingDataset(local=data_dir, table_dir=table_dir, batch_size=micro, shuffle=True,
+                             shuffle_seed=args.seed, ted=ted)
+    loader = StreamingDataLoader(ds, batch_size=micro, collate_fn=collate)
+    n = ds.num_samples
+
+    # -- model, scorer, engine
+    model = build_model(args, meta["vocab_size"], meta["eot_id"])
+    scorer = TaylorScorer(model, layers=scorer_cfg["layers"], rows=scorer_cfg["rows"], seed=scorer_cfg["seed"],
+                          ref_ema=scorer_cfg["ref_ema"])
+    reading = scorer_cfg["reading"]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
+                                                                     if p.requires_grad], config=ds_config)
+    n_params = sum(p.numel() for p in model.parameters()) if ds_config.get("zero_optimization", {}).get(
+        "stage", 0) < 3 else sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    eval_rows = np.load(os.path.join(data_dir, "eval.npy"))
+    eval_rows = eval_rows[: len(eval_rows) // ctx.world * ctx.world]
+    if len(eval_rows) == 0:
+        raise SystemExit(f"fewer held-out windows than ranks ({ctx.world}); raise --max-eval or --max-docs")
+
+    state = {"epoch": 0, "step": 0, "trained": 0, "epoch_trained": 0, "epoch_micro": 0}
+    if resume_tag is not None:
+        _, client = engine.load_checkpoint(ckpt_dir, tag=resume_tag)
+        state.update(client["train"])
+        if client.get("scorer_reference") is not None:
+            scorer.reference = client["scorer_reference"]
+        loader.load_state_dict(client["loader"])
+        ctx.log(f"resumed from {resume_tag}: epoch {state['epoch']}, step {state['step']}")
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    ids_path = os.path.join(out, "ids", f"rank{ctx.rank}.jsonl")
+    if resume_tag is not None:  # drop what the killed run did after its checkpoint: it is redone
+        if ctx.is_leader:
+            filter_jsonl(metrics_path, lambda r: (r["type"] == "step" and r["step"] <= state["step"])
+                         or (r["type"] == "epoch" and r["epoch"] < state["epoch"]) or r["type"] == "run")
+        filter_jsonl(ids_path, lambda r: r["step"] <= state["step"])
+    if args.log_ids:
+        os.makedirs(os.path.dirname(ids_path), exist_ok=True)
+    metrics = open(metrics_path, "a", buffering=1) if ctx.is_leader else None
+    ids_log = open(ids_path, "a", buffering=1) if args.log_ids else None
+
+    def emit(row: dict[str, Any]) -> None:
+        if metrics is not None:
+            metrics.write(json.dumps(row) + "\n")
+
+    if ctx.is_leader:
+        if resume_tag is None:
+            emit({"type": "run", "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "argv": sys.argv, "world": ctx.world, "nodes": ctx.world // ctx.local_world,
+                  "threads_per_rank": torch.get_num_threads(), "params": n_params, "data": meta,
+                  "ted": ted.to_dict(), "scorer": scorer_cfg, "deepspeed": ds_config,
+                  "torch": torch.__version__, "deepspeed_version": deepspeed.__version__})
+        if args.model is None:
+            shutil.copyfile(os.path.join(data_dir, "tokenizer.json"), os.path.join(out, "tokenizer.json"))
+    ctx.log(f"{ctx.world} rank(s) on {ctx.world // ctx.local_world} node(s); {n} training windows of "
+            f"{args.seq_len} tokens, {len(eval_rows)} held out; {n_params / 1e6:.2f}M parameters; "
+            f"ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}; TED {ted.to_dict()}; "
+            f"scorer {scorer_cfg}")
+
+    def evaluate() -> float:
+        engine.eval()
+        total = 0.0
+        mine = torch.from_numpy(eval_rows[ctx.rank:: ctx.world].astype(np.int64))
+        with torch.no_grad():
+            for i in range(0, len(mine), micro):
+                ids = mine[i: i + micro]
+                logits = engine(input_ids=ids).logits
+                total += float(per_sample_lm_loss(logits, ids).sum())
+        engine.train()
+        return ctx.sum([total])[0] / len(eval_rows)
+
+    def checkpoint() -> None:
+        tag = f"step{state['step']}"
+        ds.sync()  # every rank's scores so far into every rank's table (collective)
+        ds.save_table()
+        if ctx.is_leader:
+            copy_atomic(table_path, os.path.join(ckpt_dir, tag, TABLE_IN_CHECKPOINT))
+        ctx.barrier()
+        engine.save_checkpoint(ckpt_dir, tag=tag, client_state={
+            "loader": loader.state_dict(), "train": dict(state), "scorer_reference": scorer.reference,
+            "ted": ted.to_dict()})
+        if ctx.is_leader and args.keep_checkpoints > 0:
+            tags = sorted((d for d in os.listdir(ckpt_dir) if d.startswith("step")), key=lambda d: int(d[4:]))
+            for old in tags[: -args.keep_checkpoints]:
+                shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+
+    epoch_rows: list[dict[str, Any]] = []
+    if os.path.exists(metrics_path) and ctx.is_leader:
+        with open(metrics_path) as f:
+            epoch_rows = [r for r in map(json.loads, f) if r["type"] == "epoch"]
+    loss_scale = lambda: float(getattr(engine.optimizer, "cur_scale", 1.0)) if engine.fp16_enabled() else 1.0
+    t_run = time.time()
+    for epoch in range(state["epoch"], args.epochs):
+        mask = ds.start_epoch(epoch)  # collective: merge scores, freeze and broadcast the mask
+        fresh_epoch = not (state["epoch"] == epoch and (state["epoch_micro"] > 0 or state["epoch_trained"] > 0))
+        if fresh_epoch:
+            state.update(epoch=epoch, epoch_trained=0, epoch_micro=0)
+        pruned = ~np.unpackbits(mask.keep, bitorder="little", count=n).astype(bool)
+        pruned &= ds.table.scored
+        igd = None
+        if reading in ("d", "s") and pruned.any():
+            igd = predicted_igd(torch.from_numpy(ds.table.score_array()[pruned]), engine.get_lr()[0] or 0.0, n,
+                                reading)
+        steps_this_epoch = len(loader)
+        bar = tqdm(total=steps_this_epoch, initial=state["epoch_micro"], desc=f"epoch {epoch}",
+                   disable=not ctx.is_leader, dynamic_ncols=True, leave=True, file=sys.stderr)
+        t_epoch = time.time()
+        t_step = time.time()
+        for batch in loader:
+            ids, w = batch["input_ids"], batch["ted_weight"]
+            if torch.cuda.is_available():
+                ids, w = ids.cuda(), w.cuda()
+            logits = engine(input_ids=ids).logits
+            per_sample = per_sample_lm_loss(logits, ids)
+            engine.backward((per_sample * w).mean())
+            scores = scorer.compute(w * loss_scale() / (len(ids) * gas), loss=per_sample)
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            ds.record(batch["ted_id"], pick_score(scores, reading))
+            loss_sum, count = ctx.sum([float(per_sample.detach().sum()), float(len(ids))])
+            state["epoch_micro"] += 1
+            state["epoch_trained"] += int(count)
+            state["trained"] += int(count)
+            step_done = boundary
+            if ids_log is not None:
+                ids_log.write(json.dumps({"epoch": epoch, "step": state["step"] + 1,
+                                          "ids": batch["ted_id"].tolist()}) + "\n")
+            if step_done:
+                state["step"] += 1
+                dt = time.time() - t_step
+                t_step = time.time()
+                row = {"type": "step", "step": state["step"], "epoch": epoch, "loss": loss_sum / count,
+                       "lr": engine.get_lr()[0], "samples_per_s": count * gas / dt,
+                       "tokens_per_s": count * gas * args.seq_len / dt}
+                emit(row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                if args.save_every and state["step"] % args.save_every == 0:
+                    checkpoint()
+                if args.kill_after_step and state["step"] == args.kill_after_step:
+                    if ids_log is not None:
+                        ids_log.flush()
+                    ctx.barrier()
+                    os.kill(os.getpid(), signal.SIGKILL)
+            bar.update(1)
+        bar.close()
+        micro_steps = ctx.gather(state["epoch_micro"])
+        if len(set(micro_steps)) != 1:
+            raise RuntimeError(f"epoch {epoch}: ranks ran different numbers of micro-steps {micro_steps}")
+        eval_loss = evaluate()
+        row = {"type": "epoch", "epoch": epoch, "num_samples": n, "kept": mask.kept, "pruned": n - mask.kept,
+               "trained": state["epoch_trained"], "micro_steps_per_rank": micro_steps[0],
+               "saved_so_far": 1 - state["trained"] / ((epoch + 1) * n), "predicted_igd": igd,
+               "reading": reading, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0)),
+               "seconds": time.time() - t_epoch, "step": state["step"]}
+        emit(row)
+        epoch_rows.append(row)
+        ctx.log(f"epoch {epoch}: kept {mask.kept}/{n}, trained {state['epoch_trained']} samples in "
+                f"{micro_steps[0]} micro-steps per rank, saved so far {row['saved_so_far']:.1%}, held-out loss "
+                f"{eval_loss:.4f} (ppl {row['eval_ppl']:.1f}), predicted IGD {igd}")
+        state.update(epoch=epoch + 1, epoch_trained=0, epoch_micro=0)
+    ds.sync()
+    ds.save_table()
+    total = args.epochs * n
+    ctx.log(f"done in {time.time() - t_run:.0f} s: trained on {state['trained']} of {total} sample-iterations "
+            f"({1 - state['trained'] / total:.1%} saved)")
+    if ctx.is_leader:
+        emit({"type": "summary", "trained": state["trained"], "sample_iterations_full": total,
+              "saved": 1 - state["trained"] / total, "final_eval_loss": epoch_rows[-1]["eval_loss"] if epoch_rows else None,
+              "seconds": time.time() - t_run, "step": state["step"]})
+        with open(metrics_path) as f:
+            steps = [r for r in map(json.loads, f) if r["type"] == "step"]
+        path = plot(out, epoch_rows, steps)
+        ctx.log(f"metrics: {metrics_path}; plot: {path}")
+        metrics.close()
+    if ids_log is not None:
+        ids_log.close()
+    ctx.barrier()
+    if ctx.is_local_leader:
+        unlink_deepspeed_shm()
+    engine.destroy()
+    ctx.dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
