@@ -37,22 +37,27 @@ NEWS = Path(__file__).resolve().parents[1] / ".venv/lib/python3.11/site-packages
 WORLD = 2
 SHM = Path("/dev/shm")
 
-# name -> (layer patterns, rows per layer); None rows = every row
+# name -> [(layer patterns, rows per layer), ...], one scorer each; None rows = every row
 BLOCKS = ("*.self_attn.*", "*.mlp.*")
 MASKS = {
-    "lm_head/64": (("lm_head",), 64),
-    "lm_head/256": (("lm_head",), 256),
-    "down_proj/16": (("*.mlp.down_proj",), 16),
-    "down_proj/64": (("*.mlp.down_proj",), 64),
-    "down_proj, full": (("*.mlp.down_proj",), None),
-    "mlp/64": (("*.mlp.*",), 64),
-    "blocks/16": (BLOCKS, 16),
-    "blocks/64": (BLOCKS, 64),
-    "all linear/16": (("*",), 16),
-    "all linear/64": (("*",), 64),
-    "all linear, full": (("*",), None),
+    "lm_head/64": [(("lm_head",), 64)],
+    "lm_head/256": [(("lm_head",), 256)],
+    "lm_head, full": [(("lm_head",), None)],
+    "down_proj/16": [(("*.mlp.down_proj",), 16)],
+    "down_proj/64": [(("*.mlp.down_proj",), 64)],
+    "down_proj, full": [(("*.mlp.down_proj",), None)],
+    "mlp/64": [(("*.mlp.*",), 64)],
+    "blocks/16": [(BLOCKS, 16)],
+    "blocks/64": [(BLOCKS, 64)],
+    "all linear/16": [(("*",), 16)],
+    "all linear/64": [(("*",), 64)],
+    "lm_head full + blocks/16": [(("lm_head",), None), (BLOCKS, 16)],
+    "all linear, full": [(("*",), None)],
 }
-TIMED = ("off", "lm_head/256", "down_proj/64", "blocks/16", "all linear/16", "blocks/64", "all linear, full")
+TIMED = (
+    "off", "lm_head/256", "down_proj/64", "blocks/16", "all linear/16", "blocks/64", "lm_head, full",
+    "lm_head full + blocks/16", "all linear, full",
+)
 GROUPS = ("embed_tokens", "self_attn", "mlp", "norm", "lm_head")  # parameter-name substrings
 
 
@@ -87,10 +92,8 @@ def build_model(args: argparse.Namespace):
 
 
 def scorers_for(model, name: str, seed: int) -> list[TaylorScorer]:
-    if name == "off":
-        return []
-    layers, rows = MASKS[name]
-    return [TaylorScorer(model, layers=layers, rows=rows, seed=seed)]
+    specs = [] if name == "off" else MASKS[name]
+    return [TaylorScorer(model, layers=layers, rows=rows, seed=seed) for layers, rows in specs]
 
 
 def _worker(rank: int, port: int, args: argparse.Namespace, tmp: str) -> None:
@@ -114,9 +117,10 @@ def _worker(rank: int, port: int, args: argparse.Namespace, tmp: str) -> None:
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     step = 0
 
-    def train_step(scorers: list[TaylorScorer]) -> float:
+    def train_step(scorers: list[TaylorScorer]) -> tuple[float, float]:
+        """Wall and CPU seconds of one step; CPU time is robust to other jobs on a shared machine."""
         nonlocal step
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         first = (step * WORLD + rank) * args.batch % (len(data) - args.batch)
         ids = data[first : first + args.batch]
         loss = per_sample_lm_loss(engine(input_ids=ids).logits, ids)
@@ -125,7 +129,7 @@ def _worker(rank: int, port: int, args: argparse.Namespace, tmp: str) -> None:
             scorer.compute(1 / args.batch, loss=loss)
         engine.step()
         step += 1
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
     losses = []
     for _ in range(args.train_steps):
@@ -133,7 +137,7 @@ def _worker(rank: int, port: int, args: argparse.Namespace, tmp: str) -> None:
     with torch.no_grad():
         ids = data[-args.batch :]
         losses.append(float(per_sample_lm_loss(engine(input_ids=ids).logits, ids).mean()))
-    times: dict[str, list[float]] = {m: [] for m in TIMED}
+    times: dict[str, list[tuple[float, float]]] = {m: [] for m in TIMED}
     for _ in range(args.rounds):
         for mode in TIMED:
             scorers = scorers_for(engine.module, mode, args.seed)
@@ -223,6 +227,7 @@ def main() -> None:
     p.add_argument("--timed-steps", type=int, default=4, help="timed steps per mode and round")
     p.add_argument("--eval-batches", type=int, default=8, help="global micro-batches for the correlations")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timing-only", action="store_true", help="skip phase 2")
     args = p.parse_args()
 
     t0 = time.perf_counter()
@@ -236,14 +241,19 @@ def main() -> None:
                 if name.startswith("deepspeed_allreduce_buffer"):
                     (SHM / name).unlink(missing_ok=True)
         timing = json.load(open(Path(tmp) / "times.json"))
-        corr = correlations(args, tmp)
+        corr = None if args.timing_only else correlations(args, tmp)
 
-    median = {m: statistics.median(t) for m, t in timing["times"].items()}
+    wall = {m: statistics.median(t[0] for t in ts) for m, ts in timing["times"].items()}
+    cpu = {m: statistics.median(t[1] for t in ts) for m, ts in timing["times"].items()}
     print(f"args: {vars(args)}")
     print(f"held-out loss after {args.train_steps} steps: {timing['heldout_loss']:.3f}")
-    print("\n| mode | median step (s) | ratio to off |\n|---|---|---|")
+    print("\nrank 0, medians per step")
+    print("| mode | wall (s) | wall ratio | CPU (s) | CPU ratio |\n|---|---|---|---|---|")
     for m in TIMED:
-        print(f"| {m} | {median[m]:.3f} | {median[m] / median['off']:.3f} |")
+        print(f"| {m} | {wall[m]:.3f} | {wall[m] / wall['off']:.3f} | {cpu[m]:.3f} | {cpu[m] / cpu['off']:.3f} |")
+    print(f"\ntotal wall time {time.perf_counter() - t0:.0f} s")
+    if corr is None:
+        return
     print("\nSpearman with all-parameter scores (left) and with all-linear-layer scores (right)")
     print("| mask | sqnorm | s | d | sqnorm vs linear | s vs linear | d vs linear |\n|---|---|---|---|---|---|---|")
     for m, c in corr["spearman"].items():
@@ -251,7 +261,6 @@ def main() -> None:
         print(f"| {m} | {c['sqnorm']:.3f} | {c['s']:.3f} | {c['d']:.3f} | {cl['sqnorm']:.3f} | {cl['s']:.3f} | {cl['d']:.3f} |")
     print(f"\nall-parameter std/|mean| across samples: {corr['relative_spread']}")
     print(f"mean share of all-parameter sqnorm by group: {corr['sqnorm_share']}")
-    print(f"\ntotal wall time {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":
