@@ -487,7 +487,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                                 reading)
         steps_this_epoch = len(loader)
         bar = tqdm(total=steps_this_epoch, initial=state["epoch_micro"], desc=f"epoch {epoch}",
-                   disable=not ctx.is_leader, dynamic_ncols=True, leave=True, file=sys.stderr)
+                   disable=not ctx.is_leader, dynamic_ncols=True, leave=True, file=sys.stderr,
+                   mininterval=0.1 if sys.stderr.isatty() else 10.0)
         t_epoch = time.time()
         t_step = time.time()
         for batch in loader:
@@ -499,6 +500,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             engine.backward((per_sample * w).mean())
             scores = scorer.compute(w * loss_scale() / (len(ids) * gas), loss=per_sample)
             boundary = engine.is_gradient_accumulation_boundary()
+            lr = engine.get_lr()[0]  # the rate this step applies
             engine.step()
             ds.record(batch["ted_id"], pick_score(scores, reading))
             loss_sum, count = ctx.sum([float(per_sample.detach().sum()), float(len(ids))])
@@ -514,7 +516,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 dt = time.time() - t_step
                 t_step = time.time()
                 row = {"type": "step", "step": state["step"], "epoch": epoch, "loss": loss_sum / count,
-                       "lr": engine.get_lr()[0], "samples_per_s": count * gas / dt,
+                       "lr": lr, "samples_per_s": count * gas / dt,
                        "tokens_per_s": count * gas * args.seq_len / dt}
                 emit(row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
