@@ -84,6 +84,19 @@ def load_config(args: argparse.Namespace) -> tuple[dict[str, Any], Any, dict[str
             raw = json.load(f)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read DeepSpeed config {args.config}: {e}") from None
+    block = raw.setdefault("ted", {})
+    for item in args.ted:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--ted {item!r}: expected KEY=VALUE")
+        try:
+            value = json.loads(value)
+        except ValueError:
+            pass
+        if key.startswith("scorer."):
+            block.setdefault("scorer", {})[key[len("scorer."):]] = value
+        else:
+            block[key] = value
     ds_config, ted, scorer = split_config(raw, args.epochs)
     if args.micro_batch:
         ds_config["train_micro_batch_size_per_gpu"] = args.micro_batch
@@ -110,8 +123,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--model", default=None,
                    help="fine-tune a pretrained model: a Hugging Face folder, a .gguf file, or 'smollm2'")
     p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--ted", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the config's \"ted\" block (value parsed as JSON if it can be), "
+                        "e.g. --ted target=0 --ted policy=random-dynamic --ted scorer.reading=sqnorm")
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--max-docs", type=int, default=300, help="training documents used (0 = all 3,4k)")
+    p.add_argument("--max-docs", type=int, default=400, help="training documents used (0 = all 3,4k)")
     p.add_argument("--max-samples", type=int, default=0, help="cap on training windows (0 = no cap)")
     p.add_argument("--max-eval", type=int, default=64, help="held-out windows evaluated each epoch")
     p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary (scratch model only)")
@@ -275,7 +291,7 @@ def build_model(args: argparse.Namespace, vocab_size: int, eot_id: int):
     return LlamaForCausalLM(cfg)
 
 
-def plot(out: str, epochs: list[dict[str, Any]], steps: list[dict[str, Any]]) -> Optional[str]:
+def plot(out: str, epochs: list[dict[str, Any]], steps: list[dict[str, Any]], title: str) -> Optional[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -289,22 +305,22 @@ def plot(out: str, epochs: list[dict[str, Any]], steps: list[dict[str, Any]]) ->
         per_epoch = {}
         for r in steps:
             per_epoch.setdefault(r["epoch"], []).append(r["loss"])
-        a1.plot([e + 0.5 for e in sorted(per_epoch)], [sum(v) / len(v) for _, v in sorted(per_epoch.items())],
+        a1.plot(sorted(per_epoch), [sum(v) / len(v) for _, v in sorted(per_epoch.items())],
                 "o--", color="tab:gray", label="train loss (epoch mean)")
-    a1.plot([e + 1 for e in ep], [r["eval_loss"] for r in epochs], "o-", color="tab:blue",
-            label="held-out loss (end of epoch)")
+    a1.plot(ep, [r["eval_loss"] for r in epochs], "o-", color="tab:blue", label="held-out loss (end of epoch)")
     a1.set_xlabel("epoch")
     a1.set_ylabel("loss (nats/token)")
     a1.legend()
     a1.grid(alpha=0.3)
     a2.bar(ep, [r["kept"] / r["num_samples"] for r in epochs], color="tab:green", alpha=0.6,
            label="kept fraction")
-    a2.plot(ep, [r["saved_so_far"] for r in epochs], "s-", color="tab:red", label="measured saved so far")
+    a2.plot(ep, [max(0.0, r["saved_so_far"]) for r in epochs], "s-", color="tab:red",
+            label="measured saved so far")
     a2.set_xlabel("epoch")
     a2.set_ylim(0, 1.05)
     a2.legend()
     a2.grid(alpha=0.3)
-    fig.suptitle(f"TED-pruned LM training: {os.path.basename(os.path.abspath(out))}")
+    fig.suptitle(title)
     fig.tight_layout()
     path = os.path.join(out, "curves.png")
     fig.savefig(path, dpi=110)
@@ -555,7 +571,9 @@ def main(argv: Optional[list[str]] = None) -> int:
               "seconds": time.time() - t_run, "step": state["step"]})
         with open(metrics_path) as f:
             steps = [r for r in map(json.loads, f) if r["type"] == "step"]
-        path = plot(out, epoch_rows, steps)
+        title = (f"{os.path.basename(os.path.abspath(out))}: policy {ted.policy}, target {ted.target}, "
+                 f"reading {reading}, {ctx.world} rank(s)")
+        path = plot(out, epoch_rows, steps, title)
         ctx.log(f"metrics: {metrics_path}; plot: {path}")
         metrics.close()
     if ids_log is not None:

@@ -147,6 +147,11 @@ def test_config_blocks_parse_and_ted_is_stripped():
         mod.split_config({"ted": {"target": 1.5}}, 3)
     with pytest.raises(mod.ConfigError, match="epochs"):
         mod.split_config({"ted": {"epochs": 5}}, 3)
+    _, ted, scorer = mod.load_config(mod.parse_args(["--ted", "target=0", "--ted", "policy=random",
+                                                     "--ted", "scorer.reading=sqnorm"]))
+    assert (ted.target, ted.policy, scorer["reading"]) == (0.0, "random", "sqnorm")
+    with pytest.raises(mod.ConfigError, match="targte"):
+        mod.load_config(mod.parse_args(["--ted", "targte=0.3"]))
 
 
 def test_bad_ted_key_fails_before_training(tmp_path):
