@@ -4,8 +4,9 @@ Runs launch/train_classifier.py for each cell not yet in the results file (so a 
 resumes where it stopped), then writes docs/quality.md (mean +- std and measured saved fraction
 per cell) and docs/quality.png (accuracy against saved fraction per policy).
 
-    .venv/bin/python launch/bench_quality.py --limit 20000 --epochs 8 --seeds 0 1 --levels 0.3 0.5
-    .venv/bin/python launch/bench_quality.py --report-only      # rewrite the docs from the results
+    .venv/bin/python launch/bench_quality.py --task fashion --limit 20000 --epochs 8 --seeds 0 1 --levels 0.3 0.5
+    .venv/bin/python launch/bench_quality.py --task rotten --epochs 6 --seeds 0 1 2 --levels 0.3 0.5
+    .venv/bin/python launch/bench_quality.py --task fashion --report-only   # rewrite the docs from the results
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def run_grid(args: argparse.Namespace) -> None:
                     cells.append((key, variant, level, seed))
     print(f"{len(done)} cells done, {len(cells)} to run", flush=True)
     for i, (key, variant, level, seed) in enumerate(cells):
-        cmd = [sys.executable, os.path.join(HERE, "train_classifier.py"), *VARIANTS[variant],
+        cmd = [sys.executable, os.path.join(HERE, "train_classifier.py"), "--task", args.task, *VARIANTS[variant],
                "--target-saved", str(level), "--seed", str(seed), "--epochs", str(args.epochs),
                "--threads", str(args.threads)] + (["--limit", str(args.limit)] if args.limit else [])
         t = time.time()
@@ -107,16 +108,16 @@ def report(args: argparse.Namespace) -> None:
     any_r = next(iter(done.values()))
     meta = (f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU (shared with other jobs). "
             f"Runs: {len(done)}; seeds {sorted({r['seed'] for r in done.values()})}; "
-            f"{any_r['epochs_run']} epochs; training images: {any_r['limit'] or 60000} of 60000; "
-            f"test: all 10000. Dates: {min(r['date'] for r in done.values())} to "
+            f"{any_r['epochs_run']} epochs; training samples limited to: {any_r['limit'] or 'none'}; "
+            f"lr {any_r.get('lr')}, batch {any_r.get('batch_size')}. Dates: {min(r['date'] for r in done.values())} to "
             f"{max(r['date'] for r in done.values())}.")
-    plot(groups, full_mean, full_std, os.path.join(ROOT, "docs", "quality.png"))
+    plot(groups, full_mean, full_std, args.plot, args.task)
     with open(args.table, "w") as f:
         f.write("\n".join([meta, "", *lines, ""]))
     print("\n".join([meta, "", *lines]))
 
 
-def plot(groups, full_mean, full_std, path: str) -> None:
+def plot(groups, full_mean, full_std, path: str, task: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -132,7 +133,7 @@ def plot(groups, full_mean, full_std, path: str) -> None:
             ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=variant)
     ax.set_xlabel("measured saved fraction of sample-iterations")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Fashion-MNIST: accuracy against data saved")
+    ax.set_title(f"{task}: accuracy against data saved")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -146,10 +147,12 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--results", default=os.path.join(ROOT, "docs", "quality_results.jsonl"))
-    p.add_argument("--table", default=os.path.join(ROOT, "docs", "quality_table.md"))
+    p.add_argument("--task", choices=("fashion", "rotten"), default="fashion")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
+    args.results = os.path.join(ROOT, "docs", f"quality_{args.task}_results.jsonl")
+    args.table = os.path.join(ROOT, "docs", f"quality_{args.task}.md")
+    args.plot = os.path.join(ROOT, "docs", f"quality_{args.task}.png")
     if not args.report_only:
         run_grid(args)
     report(args)

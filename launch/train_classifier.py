@@ -44,6 +44,8 @@ INFOBATCH_R = {0.3: 0.5, 0.5: 0.83, 0.7: 0.95}
 class Fashion:
     """Fashion-MNIST: 60k training images (or the first ``limit``), all 10k test images."""
 
+    lr, batch_size = 0.05, 128
+
     def prepare(self, data_dir: str, limit: int | None) -> str:
         folder = os.path.join(data_dir, f"fashion-mnist-train{'' if limit is None else f'-{limit}'}")
         if not os.path.exists(os.path.join(folder, "index.json")):
@@ -74,6 +76,7 @@ class Rotten:
     """Rotten Tomatoes fresh/rotten snippets: a fixed 90/10 split; frozen MiniLM-L6 features."""
 
     DIM = 384
+    lr, batch_size = 0.02, 64
 
     def prepare(self, data_dir: str, limit: int | None) -> str:
         self.data_dir = data_dir
@@ -169,6 +172,8 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     task = TASKS[args.task]()
+    args.lr = args.lr or task.lr
+    args.batch_size = args.batch_size or task.batch_size
     data = task.prepare(args.data_dir, args.limit)
     cfg = ted_config(args)
     reading = reading_of(args)
@@ -202,7 +207,7 @@ def run(args: argparse.Namespace) -> dict:
         acc, test_loss = evaluate(model, x_test, y_test)
         epochs.append({"epoch": epoch, "kept": mask.kept, "test_acc": acc, "test_loss": test_loss})
     shutil.rmtree(table_dir, ignore_errors=True)
-    return {"task": args.task, "policy": args.policy, "limit": args.limit, "epochs_run": args.epochs, "reading": reading, "target_saved": args.target_saved,
+    return {"task": args.task, "lr": args.lr, "batch_size": args.batch_size, "policy": args.policy, "limit": args.limit, "epochs_run": args.epochs, "reading": reading, "target_saved": args.target_saved,
             "saved": 1 - trained / (n * args.epochs), "seed": args.seed, "test_acc": epochs[-1]["test_acc"],
             "config": cfg.to_dict(), "epochs": epochs, "seconds": time.time() - t0}
 
@@ -222,8 +227,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--explore", type=float, default=0.1)
     p.add_argument("--rescale", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--monotone", action="store_true")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=None, help="default: the task's")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate; default: the task's")
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--limit", type=int, default=None, help="train on the first N training images only (the test set stays whole)")
     p.add_argument("--threads", type=int, default=1)
