@@ -115,6 +115,17 @@ class ScoreTable:
     # ---- scores -------------------------------------------------------------------------------
     def record(self, ids: np.ndarray, values: np.ndarray) -> None:
         """Fold new per-sample values into the moving average; O(len(ids))."""
+        ids, values = self.checked(ids, values)
+        # Repeated ids in one call (upstream padding) are folded in order.
+        for chunk_ids, chunk_vals in _unique_runs(ids, values):
+            old = bf16_to_f32(self.scores[chunk_ids])
+            fresh = self.updated[chunk_ids] == NEVER
+            new = np.where(fresh, chunk_vals, (1.0 - self.ema) * old + self.ema * chunk_vals)
+            self.scores[chunk_ids] = f32_to_bf16(new.astype(np.float32))
+            self.updated[chunk_ids] = min(self.epoch + 1, 255)
+
+    def checked(self, ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, values) as flat int64/float32 arrays, or ValueError naming what is wrong."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         values = np.asarray(values, dtype=np.float32).reshape(-1)
         if ids.shape != values.shape:
@@ -124,13 +135,7 @@ class ScoreTable:
                              f"got min {ids.min()}, max {ids.max()}")
         if not np.isfinite(values).all():
             raise ValueError(f"record: scores must be finite; got {values[~np.isfinite(values)][:4]}")
-        # Repeated ids in one call (upstream padding) are folded in order.
-        for chunk_ids, chunk_vals in _unique_runs(ids, values):
-            old = bf16_to_f32(self.scores[chunk_ids])
-            fresh = self.updated[chunk_ids] == NEVER
-            new = np.where(fresh, chunk_vals, (1.0 - self.ema) * old + self.ema * chunk_vals)
-            self.scores[chunk_ids] = f32_to_bf16(new.astype(np.float32))
-            self.updated[chunk_ids] = min(self.epoch + 1, 255)
+        return ids, values
 
     def score_array(self) -> np.ndarray:
         return bf16_to_f32(self.scores)

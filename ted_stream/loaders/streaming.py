@@ -122,10 +122,7 @@ class TEDStreamingDataset(StreamingDataset):
         Under torch.distributed each rank records its own samples; ``sync`` (called by
         ``start_epoch``) merges them so every rank holds the same table.
         """
-        ids = np.asarray(_to_numpy(ids), dtype=np.int64).reshape(-1)
-        scores = np.asarray(_to_numpy(scores), dtype=np.float32).reshape(-1)
-        if ids.shape != scores.shape:
-            raise ValueError(f"record: {len(ids)} ids but {len(scores)} scores; expected one score per id")
+        ids, scores = self.table.checked(_to_numpy(ids), _to_numpy(scores))
         if dist.active():
             self._pending.append((ids, scores))
         else:
