@@ -126,7 +126,9 @@ class TaylorScorer:
 
     model: the module to score (under DeepSpeed, ``engine.module`` or the model before
         ``deepspeed.initialize``, so that names and hence row draws match a single process).
-    layers: fnmatch patterns over module names; every matching ``nn.Linear`` is scored.
+    layers: fnmatch patterns over module names; every matching ``nn.Linear`` is scored. The
+        default (every linear layer, 16 rows each) was chosen by launch/bench_scorer.py: random
+        rows of an LM head alone rank samples no better than chance (docs/scorer.md).
     rows: output rows per layer, drawn at random from ``seed`` and the layer name (same on every
         rank); None or at least ``out_features`` scores every row.
     ref_ema: weight of the previous reference in G <- ref_ema * G + (1 - ref_ema) * batch mean;
@@ -140,8 +142,8 @@ class TaylorScorer:
     def __init__(
         self,
         model: nn.Module,
-        layers: Union[str, Sequence[str]] = ("lm_head",),
-        rows: Optional[int] = 256,
+        layers: Union[str, Sequence[str]] = "*",
+        rows: Optional[int] = 16,
         seed: int = 0,
         ref_ema: float = 0.0,
         process_group: Optional[dist.ProcessGroup] = None,
