@@ -535,7 +535,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                        "lr": lr, "samples_per_s": count * gas / dt,
                        "tokens_per_s": count * gas * args.seq_len / dt}
                 emit(row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
                 if args.save_every and state["step"] % args.save_every == 0:
                     checkpoint()
                 if args.kill_after_step and state["step"] == args.kill_after_step:
