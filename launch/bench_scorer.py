@@ -5,8 +5,10 @@ all-parameter scores. Results go into docs/scorer.md.
 
 Phase 1 (two CPU ranks, gloo, DeepSpeed ZeRO-2): train a small Llama-architecture model from
 random init on news text for --train-steps, then time training steps with no scorer and with
-each mask, interleaved in --rounds rounds so drift hits every mode alike.
-Phase 2 (this process, the trained weights): for --eval-batches global micro-batches, Spearman
+each mask, interleaved in --rounds rounds so drift hits every mode alike (the timed steps are
+training steps too), reporting wall and CPU time per step (CPU time stays meaningful when other
+jobs share the cores).
+Phase 2 (this process, the weights after every step of phase 1): for --eval-batches global micro-batches, Spearman
 correlation of each mask's sqnorm / s / d with the exact all-parameter values (per-sample
 gradients of every parameter, embeddings and norms included, one backward per sample).
 """
@@ -147,7 +149,8 @@ def _worker(rank: int, port: int, args: argparse.Namespace, tmp: str) -> None:
                 scorer.remove()
     if rank == 0:
         torch.save(engine.module.state_dict(), Path(tmp) / "trained.pt")
-        json.dump({"times": times, "heldout_loss": losses[0]}, open(Path(tmp) / "times.json", "w"))
+        # the timed steps train too: phase 2 sees the weights after all `step` steps
+        json.dump({"times": times, "heldout_loss": losses[0], "steps": step}, open(Path(tmp) / "times.json", "w"))
     engine.destroy()
 
 
@@ -247,6 +250,7 @@ def main() -> None:
     cpu = {m: statistics.median(t[1] for t in ts) for m, ts in timing["times"].items()}
     print(f"args: {vars(args)}")
     print(f"held-out loss after {args.train_steps} steps: {timing['heldout_loss']:.3f}")
+    print(f"phase 2 uses the weights after all {timing['steps']} training steps (timed steps included)")
     print("\nrank 0, medians per step")
     print("| mode | wall (s) | wall ratio | CPU (s) | CPU ratio |\n|---|---|---|---|---|")
     for m in TIMED:
