@@ -29,8 +29,9 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))  # ted_stream from a source checkout, too
 
 DEFAULT_CONFIG = os.path.join(HERE, "configs", "zero2.json")
-SCORER_DEFAULTS = {"layers": ["lm_head", "model.layers.*.mlp.down_proj"], "rows": 64, "reading": "d",
-                   "ref_ema": 0.0, "seed": 0}
+# Every linear layer, 16 rows each: the TaylorScorer default measured by launch/bench_scorer.py
+# (random rows of the LM head alone rank samples no better than chance; docs/scorer.md).
+SCORER_DEFAULTS = {"layers": ["*"], "rows": 16, "reading": "d", "ref_ema": 0.0, "seed": 0}
 READINGS = ("d", "s", "abs_s", "sqnorm", "loss")
 TABLE_IN_CHECKPOINT = "ted_table.tedt"
 
