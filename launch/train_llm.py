@@ -472,8 +472,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     def checkpoint() -> None:
         tag = f"step{state['step']}"
-        ds.sync()  # every rank's scores so far into every rank's table (collective)
-        ds.save_table()
+        ds.save_table()  # merges every rank's scores so far (collective), then persists
         if ctx.is_leader:
             copy_atomic(table_path, os.path.join(ckpt_dir, tag, TABLE_IN_CHECKPOINT))
         ctx.barrier()
@@ -561,7 +560,6 @@ def main(argv: Optional[list[str]] = None) -> int:
                 f"{micro_steps[0]} micro-steps per rank, saved so far {row['saved_so_far']:.1%}, held-out loss "
                 f"{eval_loss:.4f} (ppl {row['eval_ppl']:.1f}), predicted IGD {igd}")
         state.update(epoch=epoch + 1, epoch_trained=0, epoch_micro=0)
-    ds.sync()
     ds.save_table()
     total = args.epochs * n
     ctx.log(f"done in {time.time() - t_run:.0f} s: trained on {state['trained']} of {total} sample-iterations "

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from typing import Any, Iterable, Iterator
 
 from streaming import MDSWriter
@@ -40,24 +42,38 @@ def columns_of(sample: dict[str, Any]) -> dict[str, str]:
 
 def write_mds(samples: Iterable[dict[str, Any]], out: str, size_limit: int = 1 << 26,
               total: int | None = None) -> int:
-    """Write ``samples`` as zstd MDS shards into ``out`` and an empty table in ``out/ted``."""
-    if os.path.exists(os.path.join(out, "index.json")):
-        raise FileExistsError(f"{out} already holds a dataset (index.json); choose an empty folder")
+    """Write ``samples`` as zstd MDS shards into ``out`` and an empty table in ``out/ted``.
+
+    Everything is written into a temporary folder beside ``out`` and renamed into place at the
+    end, so a failure (bad sample, full disk, kill) never leaves a half-written dataset.
+    """
+    out = os.path.abspath(out)
+    if os.path.exists(out) and os.listdir(out):
+        what = "a dataset (index.json)" if os.path.exists(os.path.join(out, "index.json")) else "files"
+        raise FileExistsError(f"{out} already holds {what}; choose an empty folder")
     it = iter(samples)
     first = next(it, None)
     if first is None:
         raise ValueError("the corpus has no samples")
     columns = columns_of(first)
-    count = 0
-    with MDSWriter(out=out, columns=columns, compression="zstd", size_limit=size_limit) as writer:
-        for sample in tqdm(_chain(first, it), total=total, desc=f"writing {out}", unit="sample"):
-            if set(sample) != set(columns):
-                raise ValueError(f"sample {count} has keys {sorted(sample)}; expected {sorted(columns)} "
-                                 "like the first sample")
-            writer.write(sample)
-            count += 1
-    table = ScoreTable(count, index_fingerprint([out]))
-    table.save(os.path.join(out, "ted", FILENAME))
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
+    try:
+        count = 0
+        with MDSWriter(out=tmp, columns=columns, compression="zstd", size_limit=size_limit) as writer:
+            for sample in tqdm(_chain(first, it), total=total, desc=f"writing {out}", unit="sample"):
+                if set(sample) != set(columns):
+                    raise ValueError(f"sample {count} has keys {sorted(sample)}; expected {sorted(columns)} "
+                                     "like the first sample")
+                writer.write(sample)
+                count += 1
+        ScoreTable(count, index_fingerprint([tmp])).save(os.path.join(tmp, "ted", FILENAME))
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty, checked above
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return count
 
 

@@ -31,17 +31,21 @@ def test_prepare_then_inspect(tmp_path, capsys):
     assert info["epochs"]["1"]["pruned"] == 20
 
 
-def test_cli_errors_are_readable(tmp_path):
+def test_cli_errors_are_readable(tmp_path, capsys):
     text = tmp_path / "c.txt"
     text.write_text("one\n\ntwo\n")
+    # The console entry point itself, once: exit status and output.
     r = subprocess.run(CLI + ["prepare", str(text), str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 0 and "wrote 2 samples" in r.stdout
-    r = subprocess.run(CLI + ["prepare", str(text), str(tmp_path / "o")], capture_output=True, text=True)
-    assert r.returncode == 2 and "already holds a dataset" in r.stderr
+    capsys.readouterr()
+    assert main(["prepare", str(text), str(tmp_path / "o")]) == 2
+    assert "already holds a dataset" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a"}\n[1, 2]\n')
-    r = subprocess.run(CLI + ["prepare", str(bad), str(tmp_path / "b")], capture_output=True, text=True)
-    assert r.returncode == 2 and "bad.jsonl:2: expected a JSON object" in r.stderr
+    assert main(["prepare", str(bad), str(tmp_path / "b")]) == 2
+    assert "bad.jsonl:2: expected a JSON object" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()  # no half-written dataset left behind
+    assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
     (tmp_path / "o" / "ted" / "table.tedt").write_bytes(b"garbage")
-    r = subprocess.run(CLI + ["inspect", str(tmp_path / "o")], capture_output=True, text=True)
-    assert r.returncode == 2 and "not a ted_stream score table" in r.stderr
+    assert main(["inspect", str(tmp_path / "o")]) == 2
+    assert "not a ted_stream score table" in capsys.readouterr().err

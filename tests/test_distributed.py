@@ -21,6 +21,7 @@ def _rank_main(rank, folder, port, out):
     import torch.distributed as dist
 
     from ted_stream import TEDConfig, TEDStreamingDataset
+    from ted_stream.table import ScoreTable
 
     dist.init_process_group("gloo", rank=rank, world_size=2)
     ds = TEDStreamingDataset(local=folder, batch_size=4, shuffle=True,
@@ -30,10 +31,13 @@ def _rank_main(rank, folder, port, out):
     # Each rank scores only its own samples; rank 1 adds a rank-dependent twist so that a
     # missing merge would show up as different tables.
     ds.record(ids, ids * (1.0 + rank))
+    ds.save_table()  # a checkpoint mid-run: merges both ranks' scores before writing
+    dist.barrier()
+    scored_on_disk = int(ScoreTable.load(ds.table_path).scored.sum())
     mask = ds.start_epoch(1)
     kept = np.array([s["ted_id"] for s in ds])
     np.savez(os.path.join(out, f"rank{rank}.npz"), ids=ids, kept=kept, keep=mask.keep,
-             scores=ds.table.scores, updated=ds.table.updated, lws=int(os.environ["LOCAL_WORLD_SIZE"]))
+             scores=ds.table.scores, updated=ds.table.updated, lws=int(os.environ["LOCAL_WORLD_SIZE"]), scored_on_disk=scored_on_disk)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -48,6 +52,7 @@ def test_two_ranks_share_scores_and_mask(tmp_path):
     np.testing.assert_array_equal(r0["keep"], r1["keep"])
     np.testing.assert_array_equal(r0["scores"], r1["scores"])
     assert (r0["updated"] > 0).all()
+    assert int(r0["scored_on_disk"]) == int(r1["scored_on_disk"]) == 200
     keep = np.unpackbits(r0["keep"], bitorder="little", count=200).astype(bool)
     assert keep.sum() == 104  # 100 rounded up to a multiple of 2 ranks x batch 4
     kept = np.concatenate([r0["kept"], r1["kept"]])

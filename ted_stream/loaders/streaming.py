@@ -157,12 +157,15 @@ class TEDStreamingDataset(StreamingDataset):
             mask = self._broadcast_mask(epoch, mask)
         self.table.masks[epoch] = mask
         self._epoch = epoch
-        self.save_table()
+        self.save_table()  # nothing left to merge: sync above
         logger.info("epoch %d: keeping %d of %d samples", epoch, mask.kept, self.table.num_samples)
         return mask
 
     def save_table(self) -> None:
-        """Persist the table atomically (each node's local leader writes; call it at checkpoints)."""
+        """Merge every rank's scores and persist the table atomically (collective under
+        torch.distributed: call it on every rank, e.g. when checkpointing; each node's local
+        leader writes)."""
+        self.sync()
         if self._unique_rank_world.rank_of_node == 0:
             self.table.save(self.table_path)
 
