@@ -33,6 +33,10 @@ VARIANTS = {
     "ted (s, reading 1)": ["--policy", "ted", "--reading", "s"],
     "grad-norm (control)": ["--policy", "grad-norm"],
     "loss (control)": ["--policy", "loss"],
+    # Search beyond the first grid: a soft, InfoBatch-like pruning of the TED score (half of a
+    # pool twice the pruned size is kept and up-weighted by 2).
+    "ted (d, explore 0.5)": ["--policy", "ted", "--reading", "d", "--explore", "0.5"],
+    "grad-norm (explore 0.5)": ["--policy", "grad-norm", "--explore", "0.5"],
 }
 
 
@@ -104,7 +108,8 @@ def report(args: argparse.Namespace) -> None:
             acc = np.array([100 * r["test_acc"] for r in rs])
             saved = np.mean([r["saved"] for r in rs])
             cells.append(f"{acc.mean():.2f} ± {acc.std():.2f} / {acc.mean() - full_mean:+.2f} / {saved:.1%} / {len(rs)}")
-        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+        name = variant.replace("|", "\\|")  # a literal pipe would split the markdown cell
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     any_r = next(iter(done.values()))
     meta = (f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU (shared with other jobs). "
             f"Runs: {len(done)}; seeds {sorted({r['seed'] for r in done.values()})}; "
