@@ -41,7 +41,7 @@ class TEDConfig:
     ema: float = 0.5
     explore: float = 0.1
     monotone: bool = False
-    rescale: bool = False
+    rescale: bool = True
     max_weight: float = 3.0
     seed: int = 0
 
