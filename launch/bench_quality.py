@@ -111,10 +111,13 @@ def report(args: argparse.Namespace) -> None:
         name = variant.replace("|", "\\|")  # a literal pipe would split the markdown cell
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     any_r = next(iter(done.values()))
+    # Early results predate the lr/batch fields; every cell of a grid runs the task's defaults.
+    lr = next((r["lr"] for r in done.values() if r.get("lr")), "task default")
+    batch = next((r["batch_size"] for r in done.values() if r.get("batch_size")), "task default")
     meta = (f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU (shared with other jobs). "
             f"Runs: {len(done)}; seeds {sorted({r['seed'] for r in done.values()})}; "
             f"{any_r['epochs_run']} epochs; training samples limited to: {any_r['limit'] or 'none'}; "
-            f"lr {any_r.get('lr')}, batch {any_r.get('batch_size')}. Dates: {min(r['date'] for r in done.values())} to "
+            f"lr {lr}, batch {batch}. Dates: {min(r['date'] for r in done.values())} to "
             f"{max(r['date'] for r in done.values())}.")
     plot(groups, full_mean, full_std, args.plot, args.task)
     with open(args.table, "w") as f:
