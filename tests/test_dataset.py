@@ -164,13 +164,21 @@ def test_dataloader_workers_see_the_mask(corpus):
     assert mask.kept < 600
 
 
-def test_persistent_workers_pick_up_new_masks(corpus):
-    ds = dataset(corpus, CFG.__class__(**{**CFG.to_dict(), "policy": "random-dynamic"}))
+def test_persistent_workers_pick_up_new_masks_and_weights(corpus):
+    cfg = TEDConfig(target=0.5, warmup_epochs=1, ramp_epochs=1, explore=0.5, rescale=True, seed=3)
+    ds = dataset(corpus, cfg)
     loader = StreamingDataLoader(ds, batch_size=BATCH, num_workers=2, persistent_workers=True)
     for epoch in range(3):
-        ds.start_epoch(epoch)
-        seen = [i for b in loader for i in b["ted_id"].tolist()]
+        mask = ds.start_epoch(epoch)
+        seen, weights = [], []
+        for b in loader:
+            seen += b["ted_id"].tolist()
+            weights += b["ted_weight"].tolist()
         assert sorted(seen) == ds.kept_ids(epoch).tolist()
+        # Workers made before this start_epoch read the new mask, boost weights included.
+        np.testing.assert_allclose(weights, mask.weights(seen))
+        ds.record(seen, np.sin(np.array(seen) * (epoch + 1.7)))
+    assert mask.boost is not None and mask.boost_weight > 1
     assert ds.kept_ids(1).tolist() != ds.kept_ids(2).tolist()
 
 

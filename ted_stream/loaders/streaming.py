@@ -71,6 +71,7 @@ class TEDStreamingDataset(StreamingDataset):
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self._epoch: Optional[int] = None  # the epoch last frozen or resumed (main process)
         self._iter_epoch: Optional[int] = None  # the epoch this copy is iterating (workers)
+        self._iter_mask: Optional[EpochMask] = None  # and its mask (None: all data, weight 1)
         self._kept_sizes: dict[int, int] = {}
 
     # ---- the pruning hooks into upstream -------------------------------------------------------
@@ -89,14 +90,16 @@ class TEDStreamingDataset(StreamingDataset):
         return units, ids
 
     def _resume_incr_epoch(self) -> tuple[int, int]:
+        # Runs at the start of every epoch in every worker: resolve the epoch's mask once here,
+        # as a persistent worker may have to read it from disk.
         epoch, sample_in_epoch = super()._resume_incr_epoch()
         self._iter_epoch = epoch
+        self._iter_mask = self._mask_for(epoch, strict=False)
         return epoch, sample_in_epoch
 
     def get_item(self, sample_id: int, retry: int = 7) -> Any:
         sample = super().get_item(sample_id, retry)
-        epoch = self._iter_epoch if self._iter_epoch is not None else self._epoch
-        mask = self.table.masks.get(epoch) if epoch is not None else None
+        mask = self._iter_mask if self._iter_epoch is not None else self.table.masks.get(self._epoch)
         sample["ted_id"] = int(sample_id)
         sample["ted_weight"] = float(mask.weights([sample_id])[0]) if mask is not None else 1.0
         return sample
