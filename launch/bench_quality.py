@@ -35,6 +35,7 @@ VARIANTS = {
     "loss (control)": ["--policy", "loss"],
     # Search beyond the first grid: a soft, InfoBatch-like pruning of the TED score (half of a
     # pool twice the pruned size is kept and up-weighted by 2).
+    "ted (d, explore 0.3)": ["--policy", "ted", "--reading", "d", "--explore", "0.3"],
     "ted (d, explore 0.5)": ["--policy", "ted", "--reading", "d", "--explore", "0.5"],
     "grad-norm (explore 0.5)": ["--policy", "grad-norm", "--explore", "0.5"],
 }
