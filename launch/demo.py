@@ -94,7 +94,7 @@ def main() -> None:
             opt.step()
             ds.record(batch["ted_id"], stats.d)  # reading 2: d_i = |g_i|^2 - <G, g_i>
             seen += len(batch["ted_id"])
-            total += float(loss) * len(batch["ted_id"])
+            total += float(loss.detach()) * len(batch["ted_id"])
         trained += seen
         row = {"epoch": epoch, "kept": mask.kept, "skipped": n - mask.kept, "trained": seen,
                "train_loss": total / seen, "held_out_acc": accuracy(model, held_out),
