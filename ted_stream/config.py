@@ -39,7 +39,7 @@ class TEDConfig:
     ramp: str = "cubic"
     policy: str = "ted"
     ema: float = 0.5
-    explore: float = 0.1
+    explore: float = 0.5
     monotone: bool = False
     rescale: bool = True
     max_weight: float = 3.0
