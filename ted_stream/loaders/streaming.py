@@ -183,7 +183,8 @@ class TEDStreamingDataset(StreamingDataset):
         """Samples per rank in the current epoch (the last frozen or resumed one)."""
         epoch = self._epoch if self._epoch is not None else self.next_epoch
         if epoch not in self._kept_sizes:
-            if self._mask_for(epoch, strict=False) is None:
+            # The main process holds every mask it froze or resumed: no disk read on this hot path.
+            if epoch not in self.table.masks:
                 return self.length
             self._kept_sizes[epoch] = len(self.resample_streams(epoch)[1])
         return ceil(self._kept_sizes[epoch] / self._parallel_rank_world.num_ranks)
