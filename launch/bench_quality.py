@@ -6,6 +6,7 @@ per cell) and docs/quality.png (accuracy against saved fraction per policy).
 
     .venv/bin/python launch/bench_quality.py --task fashion --limit 20000 --epochs 8 --seeds 0 1 --levels 0.3 0.5
     .venv/bin/python launch/bench_quality.py --task rotten --epochs 6 --seeds 0 1 2 --levels 0.3 0.5
+    .venv/bin/python launch/bench_quality.py --task rotten-ft --epochs 5 --levels 0.3 0.5 --ramp 1
     .venv/bin/python launch/bench_quality.py --task fashion --report-only   # rewrite the docs from the results
 """
 from __future__ import annotations
@@ -57,6 +58,10 @@ def load(path: str) -> dict[str, dict]:
 
 def run_grid(args: argparse.Namespace) -> None:
     done = load(args.results)
+    for r in done.values():  # one results file is one harness: never mix run lengths or data sizes
+        if (r["epochs_run"], r["limit"]) != (args.epochs, args.limit):
+            raise SystemExit(f"{args.results} holds runs with epochs={r['epochs_run']} limit={r['limit']}, "
+                             f"not epochs={args.epochs} limit={args.limit}; pass another --name")
     cells = []
     for seed in args.seeds:
         for level in args.levels:
@@ -68,7 +73,7 @@ def run_grid(args: argparse.Namespace) -> None:
     for i, (key, variant, level, seed) in enumerate(cells):
         cmd = [sys.executable, os.path.join(HERE, "train_classifier.py"), "--task", args.task, *VARIANTS[variant],
                "--target-saved", str(level), "--seed", str(seed), "--epochs", str(args.epochs),
-               "--threads", str(args.threads)] + (["--limit", str(args.limit)] if args.limit else [])
+               "--threads", str(args.threads)] + (["--limit", str(args.limit)] if args.limit else []) + args.passthrough
         t = time.time()
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if out.returncode != 0:
@@ -156,12 +161,13 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--task", choices=("fashion", "rotten"), default="fashion")
+    p.add_argument("--task", choices=("fashion", "rotten", "rotten-ft"), default="fashion")
+    p.add_argument("--name", default=None, help="stem of the results and report files (default: the task)")
     p.add_argument("--report-only", action="store_true")
-    args = p.parse_args()
-    args.results = os.path.join(ROOT, "docs", f"quality_{args.task}_results.jsonl")
-    args.table = os.path.join(ROOT, "docs", f"quality_{args.task}.md")
-    args.plot = os.path.join(ROOT, "docs", f"quality_{args.task}.png")
+    # Other options (e.g. --ramp 1) go to every train_classifier.py run and into its recorded command.
+    args, args.passthrough = p.parse_known_args()
+    stem = os.path.join(ROOT, "docs", f"quality_{args.name or args.task}")
+    args.results, args.table, args.plot = f"{stem}_results.jsonl", f"{stem}.md", f"{stem}.png"
     if not args.report_only:
         run_grid(args)
     report(args)

