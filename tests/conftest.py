@@ -6,15 +6,41 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(autouse=True)
-def _clean_shm():
-    """Streaming keeps epoch state in /dev/shm; a test must neither see nor leave any."""
-    from streaming.base.util import clean_stale_shared_memory
+def _unlink_streaming_shm_under(base: str) -> None:
+    """Unlink the streaming shared memory of every dataset whose local dir lies under ``base``.
 
-    clean_stale_shared_memory()
+    Streaming names its segments ``<prefix>_<what>`` and lists each prefix's local dirs in
+    ``<prefix>_locals``; only the tests' own prefixes go, so streaming jobs running next to the
+    suite keep theirs (upstream's clean_stale_shared_memory would unlink those too)."""
+    from streaming.base.shared.prefix import _unpack_locals
+
+    shm = "/dev/shm"
+    names = os.listdir(shm)
+    for name in names:
+        if not name.endswith("_locals") or not name[:6].isdigit():
+            continue
+        try:
+            with open(os.path.join(shm, name), "rb") as f:
+                dirs = _unpack_locals(f.read())[0]
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue
+        if any(os.path.realpath(d).startswith(base) for d in dirs):
+            for other in names:
+                if other.startswith(name[:7]):
+                    try:
+                        os.unlink(os.path.join(shm, other))
+                    except FileNotFoundError:
+                        pass
+
+
+@pytest.fixture(autouse=True)
+def _clean_shm(tmp_path_factory):
+    """Streaming keeps epoch state in /dev/shm; a test must neither see nor leave any."""
+    base = os.path.realpath(tmp_path_factory.getbasetemp())
+    _unlink_streaming_shm_under(base)
     yield
     gc.collect()
-    clean_stale_shared_memory()
+    _unlink_streaming_shm_under(base)
 
 
 def make_corpus(folder, n, shard_bytes=2000):
