@@ -330,6 +330,59 @@ def plot(out: str, epochs: list[dict[str, Any]], steps: list[dict[str, Any]], ti
 
 
 # ---- the run ---------------------------------------------------------------------------------
+def start_run_dir(args: argparse.Namespace, ctx: Ctx, ckpt_dir: str) -> Optional[str]:
+    """The checkpoint tag to resume from, or None; a fresh run first clears an earlier one's files."""
+    resume_tag = latest_tag(ckpt_dir) if args.resume else None
+    if args.resume and resume_tag is None:
+        ctx.log(f"--resume: no checkpoint in {ckpt_dir}; starting from scratch")
+    if ctx.is_leader:
+        os.makedirs(args.out, exist_ok=True)
+        if resume_tag is None:  # a fresh run: nothing of an earlier one may leak in
+            for stale in ("checkpoints", "ids", "metrics.jsonl"):
+                path = os.path.join(args.out, stale)
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else (
+                    os.path.exists(path) and os.unlink(path))
+    ctx.barrier()
+    return resume_tag
+
+
+def prepare_data(args: argparse.Namespace, ctx: Ctx) -> tuple[str, dict[str, Any]]:
+    """Shards and metadata: rank 0 prepares, then the leader of any node without its own copy."""
+    import llm_data
+
+    root = (args.data_root or os.path.join(args.out, "data")).replace("{node}", str(ctx.node))
+    data_dir = os.path.join(root, llm_data.data_tag(args.model, args.vocab_size, args.seq_len,
+                                                    args.max_docs or None, args.max_samples or None))
+    prep = dict(seq_len=args.seq_len, vocab_size=args.vocab_size, model=args.model,
+                max_docs=args.max_docs or None, max_samples=args.max_samples or None,
+                max_eval=args.max_eval, log=ctx.log)
+    if ctx.is_leader:
+        llm_data.prepare(data_dir, **prep)
+    ctx.barrier()
+    if ctx.is_local_leader and not ctx.is_leader:
+        llm_data.prepare(data_dir, **prep)
+    ctx.barrier()
+    with open(os.path.join(data_dir, "meta.json")) as f:
+        return data_dir, json.load(f)
+
+
+def place_table(args: argparse.Namespace, ctx: Ctx, data_dir: str, ckpt_dir: str,
+                resume_tag: Optional[str]) -> tuple[str, str]:
+    """The score table's folder and file: none for a new run, the checkpoint's copy for a resumed one."""
+    from ted_stream.table import FILENAME
+
+    table_dir = args.table_dir.replace("{node}", str(ctx.node)) if args.table_dir else os.path.join(data_dir, "ted")
+    table_path = os.path.join(table_dir, FILENAME)
+    if ctx.is_local_leader:
+        if resume_tag is None:
+            if os.path.exists(table_path):
+                os.unlink(table_path)
+        else:
+            copy_atomic(os.path.join(ckpt_dir, resume_tag, TABLE_IN_CHECKPOINT), table_path)
+    ctx.barrier()
+    return table_dir, table_path
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
@@ -348,10 +401,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from streaming import StreamingDataLoader
     from tqdm import tqdm
 
-    import llm_data
     from ted_stream import TEDStreamingDataset
     from ted_stream.scorer import TaylorScorer, per_sample_lm_loss, predicted_igd
-    from ted_stream.table import FILENAME
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(args.threads or max(1, cores // int(os.environ["LOCAL_WORLD_SIZE"])))
@@ -359,45 +410,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ctx = Ctx()
     out = args.out
     ckpt_dir = os.path.join(out, "checkpoints")
-    resume_tag = latest_tag(ckpt_dir) if args.resume else None
-    if args.resume and resume_tag is None:
-        ctx.log(f"--resume: no checkpoint in {ckpt_dir}; starting from scratch")
-    if ctx.is_leader:
-        os.makedirs(out, exist_ok=True)
-        if resume_tag is None:  # a fresh run: nothing of an earlier one may leak in
-            for stale in ("checkpoints", "ids", "metrics.jsonl"):
-                path = os.path.join(out, stale)
-                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else (
-                    os.path.exists(path) and os.unlink(path))
-    ctx.barrier()
-
-    # -- data: rank 0 prepares, then the leader of any node without its own copy; others wait
-    root = (args.data_root or os.path.join(out, "data")).replace("{node}", str(ctx.node))
-    data_dir = os.path.join(root, llm_data.data_tag(args.model, args.vocab_size, args.seq_len,
-                                                    args.max_docs or None, args.max_samples or None))
-    prep = dict(seq_len=args.seq_len, vocab_size=args.vocab_size, model=args.model,
-                max_docs=args.max_docs or None, max_samples=args.max_samples or None,
-                max_eval=args.max_eval, log=ctx.log)
-    if ctx.is_leader:
-        llm_data.prepare(data_dir, **prep)
-    ctx.barrier()
-    if ctx.is_local_leader and not ctx.is_leader:
-        llm_data.prepare(data_dir, **prep)
-    ctx.barrier()
-    with open(os.path.join(data_dir, "meta.json")) as f:
-        meta = json.load(f)
-    tok = llm_data.load_tokenizer(data_dir, args.model)
-
-    # -- the score table: fresh for a new run, the checkpoint's copy for a resumed one
-    table_dir = args.table_dir.replace("{node}", str(ctx.node)) if args.table_dir else os.path.join(data_dir, "ted")
-    table_path = os.path.join(table_dir, FILENAME)
-    if ctx.is_local_leader:
-        if resume_tag is None:
-            if os.path.exists(table_path):
-                os.unlink(table_path)
-        else:
-            copy_atomic(os.path.join(ckpt_dir, resume_tag, TABLE_IN_CHECKPOINT), table_path)
-    ctx.barrier()
+    resume_tag = start_run_dir(args, ctx, ckpt_dir)
+    data_dir, meta = prepare_data(args, ctx)
+    table_dir, table_path = place_table(args, ctx, data_dir, ckpt_dir, resume_tag)
 
     micro = int(ds_config["train_micro_batch_size_per_gpu"])
     gas = int(ds_config.get("gradient_accumulation_steps", 1))
