@@ -103,7 +103,7 @@ def report(args: argparse.Namespace) -> None:
              "|---|" + "---|" * len(levels)]
     lines.insert(0, f"All data: **{full_mean:.2f} ± {full_std:.2f} %** ({len(full)} seeds).\n")
     for variant in VARIANTS:
-        if variant == "full":
+        if variant == "full" or not any(v == variant for v, _ in groups):
             continue
         cells = []
         for lv in levels:
@@ -127,7 +127,10 @@ def report(args: argparse.Namespace) -> None:
             f"{max(r['date'] for r in done.values())}.")
     plot(groups, full_mean, full_std, args.plot, args.task)
     with open(args.table, "w") as f:
-        f.write("\n".join([meta, "", *lines, ""]))
+        f.write("\n".join([f"# Quality grid `{args.name or args.task}` "
+                            f"(task `{args.task}`, by `launch/bench_quality.py`)", "",
+                            f"Every run is one line of `{os.path.relpath(args.results, ROOT)}` with its exact "
+                            "command, config, per-epoch test accuracy and date.", "", meta, "", *lines, ""]))
     print("\n".join([meta, "", *lines]))
 
 
