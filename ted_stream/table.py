@@ -48,8 +48,12 @@ def bf16_to_f32(b: np.ndarray) -> np.ndarray:
 
 def bf16_order_key(b: np.ndarray) -> np.ndarray:
     """uint16 keys whose integer order is the float order of the bfloat16 bits."""
-    b = np.asarray(b, dtype=np.uint16)
-    return np.where(b & 0x8000, ~b, b | 0x8000).astype(np.uint16)
+    key = np.array(b, dtype=np.uint16)  # a copy, flipped in place: few temporaries at 100M samples
+    flip = key >> 15  # 1 for negative numbers
+    flip *= 0x7FFF
+    flip |= 0x8000  # negatives: every bit flips; positives: the sign bit only
+    key ^= flip
+    return key
 
 
 @dataclass(frozen=True)
