@@ -79,6 +79,18 @@ class Fashion:
             nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU()), 128, 10).to(memory_format=torch.channels_last)
 
 
+def prepare_rotten(data_dir: str, limit: int | None, name: str, column: str, encode) -> str:
+    """MDS shards of the Rotten Tomatoes training split (or its first ``limit`` snippets), with
+    ``encode(texts)``'s arrays in ``column``; written once."""
+    folder = os.path.join(data_dir, f"{name}{'' if limit is None else f'-{limit}'}")
+    if not os.path.exists(os.path.join(folder, "index.json")):
+        train = split_by_hash(rotten_tomatoes())[0][:limit]
+        arrays = encode([s["text"] for s in train])
+        write_mds(({"text": s["text"], column: a.tobytes(), "label": s["label"]}
+                   for s, a in zip(train, arrays)), folder, total=len(train))
+    return folder
+
+
 class Rotten:
     """Rotten Tomatoes fresh/rotten snippets: a fixed 90/10 split; frozen MiniLM-L6 features."""
 
@@ -89,13 +101,7 @@ class Rotten:
 
     def prepare(self, data_dir: str, limit: int | None) -> str:
         self.data_dir = data_dir
-        folder = os.path.join(data_dir, f"rotten-minilm-train{'' if limit is None else f'-{limit}'}")
-        if not os.path.exists(os.path.join(folder, "index.json")):
-            train = split_by_hash(rotten_tomatoes())[0][:limit]
-            feats = self._embed([s["text"] for s in train])
-            write_mds(({"text": s["text"], "features": f.tobytes(), "label": s["label"]}
-                       for s, f in zip(train, feats)), folder, total=len(train))
-        return folder
+        return prepare_rotten(data_dir, limit, "rotten-minilm-train", "features", self._embed)
 
     def test_set(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         path = os.path.join(self.data_dir, "rotten-minilm-heldout.npz")  # computed once, like the shards
@@ -137,13 +143,7 @@ class RottenTuned:
 
     def prepare(self, data_dir: str, limit: int | None) -> str:
         self.data_dir = data_dir
-        folder = os.path.join(data_dir, f"rotten-minilm-top1-train{'' if limit is None else f'-{limit}'}")
-        if not os.path.exists(os.path.join(folder, "index.json")):
-            train = split_by_hash(rotten_tomatoes())[0][:limit]
-            states = self._states([s["text"] for s in train])
-            write_mds(({"text": s["text"], "states": h.tobytes(), "label": s["label"]}
-                       for s, h in zip(train, states)), folder, total=len(train))
-        return folder
+        return prepare_rotten(data_dir, limit, "rotten-minilm-top1-train", "states", self._states)
 
     def test_set(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         held = split_by_hash(rotten_tomatoes())[1]
