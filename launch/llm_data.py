@@ -171,7 +171,8 @@ def prepare(data_dir: str, *, seq_len: int, vocab_size: int = 2048, model: Optio
     train_docs, eval_docs = split_docs(docs)
     if max_docs:
         train_docs = train_docs[:max_docs]
-        eval_docs = eval_docs[: max(2, max_docs // 9)]
+        # at least 8 documents, so a small fine-tuning set still gets a held-out set worth comparing on
+        eval_docs = eval_docs[: max(8, max_docs // 9)]
     if model is None:
         train_bpe(train_docs, vocab_size, os.path.join(tmp, "tokenizer.json"))
         tok = load_bpe(os.path.join(tmp, "tokenizer.json"))
