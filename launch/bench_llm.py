@@ -136,7 +136,8 @@ def summarize(path: str) -> dict:
     return {"epochs": epochs, "saved": summ["saved"] if summ else None,
             "loss": epochs[-1]["eval_loss"] if epochs else None, "ppl": epochs[-1]["eval_ppl"] if epochs else None,
             "best": min(e["eval_loss"] for e in epochs) if epochs else None,
-            "seconds": summ["seconds"] if summ else None, "date": run["started"][:10]}
+            "seconds": summ["seconds"] if summ else None, "date": run["started"][:10],
+            "initial": run.get("initial_eval_loss")}
 
 
 def section(h: Harness, seeds: list[int]) -> list[str]:
@@ -183,7 +184,8 @@ def section(h: Harness, seeds: list[int]) -> list[str]:
         for seed, r in sorted(res.get(name, {}).items()):
             ep = ", ".join(f"{e['eval_loss']:.3f}" for e in r["epochs"])
             kept = ", ".join(str(e["kept"]) for e in r["epochs"])
-            lines.append(f"- {name} seed {seed}: {ep} (kept per epoch {kept})")
+            before = "" if r["initial"] is None else f"before training {r['initial']:.3f}; "
+            lines.append(f"- {name} seed {seed}: {before}{ep} (kept per epoch {kept})")
     lines += ["", "Target: held-out perplexity within 1% of all data at >= 30% saved (every seed):", ""]
     for name, dd, sv in verdicts:
         met = all(x <= 1.0 for x in dd) and all(s >= 0.30 for s in sv)

@@ -459,20 +459,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         if metrics is not None:
             metrics.write(json.dumps(row) + "\n")
 
-    if ctx.is_leader:
-        if resume_tag is None:
-            emit({"type": "run", "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  "argv": sys.argv, "world": ctx.world, "nodes": ctx.world // ctx.local_world,
-                  "threads_per_rank": torch.get_num_threads(), "params": n_params, "data": meta,
-                  "ted": ted.to_dict(), "scorer": scorer_cfg, "deepspeed": ds_config,
-                  "torch": torch.__version__, "deepspeed_version": deepspeed.__version__})
-        if args.model is None:
-            shutil.copyfile(os.path.join(data_dir, "tokenizer.json"), os.path.join(out, "tokenizer.json"))
-    ctx.log(f"{ctx.world} rank(s) on {ctx.world // ctx.local_world} node(s); {n} training windows of "
-            f"{args.seq_len} tokens, {len(eval_rows)} held out; {n_params / 1e6:.2f}M parameters; "
-            f"ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}; TED {ted.to_dict()}; "
-            f"scorer {scorer_cfg}")
-
     def evaluate() -> float:
         engine.eval()
         total = 0.0
@@ -484,6 +470,22 @@ def main(argv: Optional[list[str]] = None) -> int:
                 total += float(per_sample_lm_loss(logits, ids).sum())
         engine.train()
         return ctx.sum([total])[0] / len(eval_rows)
+
+    # the starting point (the pretrained model's loss, for a fine-tune): what pruning has to improve on
+    initial_eval = evaluate() if resume_tag is None else None
+    if ctx.is_leader:
+        if resume_tag is None:
+            emit({"type": "run", "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "argv": sys.argv, "world": ctx.world, "nodes": ctx.world // ctx.local_world,
+                  "threads_per_rank": torch.get_num_threads(), "params": n_params, "data": meta,
+                  "ted": ted.to_dict(), "scorer": scorer_cfg, "deepspeed": ds_config, "initial_eval_loss": initial_eval,
+                  "torch": torch.__version__, "deepspeed_version": deepspeed.__version__})
+        if args.model is None:
+            shutil.copyfile(os.path.join(data_dir, "tokenizer.json"), os.path.join(out, "tokenizer.json"))
+    ctx.log(f"{ctx.world} rank(s) on {ctx.world // ctx.local_world} node(s); {n} training windows of "
+            f"{args.seq_len} tokens, {len(eval_rows)} held out; {n_params / 1e6:.2f}M parameters; "
+            f"ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}; TED {ted.to_dict()}; "
+            f"scorer {scorer_cfg}" + (f"; held-out loss before training {initial_eval:.4f}" if initial_eval is not None else ""))
 
     def checkpoint() -> None:
         tag = f"step{state['step']}"

@@ -185,6 +185,7 @@ def test_zero2_through_the_deepspeed_launcher_prunes(tmp_path):
     assert all(r["loss"] > 0 and r["tokens_per_s"] > 0 for r in steps)
     epochs = [r for r in rows if r["type"] == "epoch"]
     assert epochs[-1]["eval_loss"] < epochs[0]["eval_loss"] + 0.5 and epochs[1]["predicted_igd"] is not None
+    assert epochs[0]["eval_loss"] < rows[0]["initial_eval_loss"]  # measured before the first step
     assert (out / "curves.png").stat().st_size > 0 and (out / "tokenizer.json").exists()
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step")) == ["step20", "step40"]
 
