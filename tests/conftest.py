@@ -6,25 +6,25 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _unlink_streaming_shm_under(base: str) -> None:
-    """Unlink the streaming shared memory of every dataset whose local dir lies under ``base``.
+def _unlink_streaming_shm_under(bases: set[str]) -> None:
+    """Unlink the streaming shared memory of every dataset whose local dir lies under ``bases``.
 
-    Streaming names its segments ``<prefix>_<what>`` and lists each prefix's local dirs in
+    Streaming names its segments ``<prefix>_<what>`` and writes each prefix's local dirs into
     ``<prefix>_locals``; only the tests' own prefixes go, so streaming jobs running next to the
-    suite keep theirs (upstream's clean_stale_shared_memory would unlink those too)."""
-    from streaming.base.shared.prefix import _unpack_locals
-
+    suite keep theirs (upstream's clean_stale_shared_memory would unlink those too). The segment is
+    searched for the path bytes rather than parsed, so no private streaming API is needed."""
     shm = "/dev/shm"
     names = os.listdir(shm)
+    needles = [b.encode() + b"/" for b in bases]
     for name in names:
         if not name.endswith("_locals") or not name[:6].isdigit():
             continue
         try:
             with open(os.path.join(shm, name), "rb") as f:
-                dirs = _unpack_locals(f.read())[0]
-        except (OSError, ValueError, UnicodeDecodeError):
+                data = f.read()
+        except OSError:
             continue
-        if any(os.path.realpath(d).startswith(base) for d in dirs):
+        if any(n in data for n in needles):
             for other in names:
                 if other.startswith(name[:7]):
                     try:
@@ -36,11 +36,12 @@ def _unlink_streaming_shm_under(base: str) -> None:
 @pytest.fixture(autouse=True)
 def _clean_shm(tmp_path_factory):
     """Streaming keeps epoch state in /dev/shm; a test must neither see nor leave any."""
-    base = os.path.realpath(tmp_path_factory.getbasetemp())
-    _unlink_streaming_shm_under(base)
+    base = str(tmp_path_factory.getbasetemp())
+    bases = {base, os.path.realpath(base)}
+    _unlink_streaming_shm_under(bases)
     yield
     gc.collect()
-    _unlink_streaming_shm_under(base)
+    _unlink_streaming_shm_under(bases)
 
 
 def make_corpus(folder, n, shard_bytes=2000):
