@@ -274,6 +274,7 @@ def run(args: argparse.Namespace) -> dict:
     t0 = time.time()
     for epoch in range(args.epochs):
         mask = ds.start_epoch(epoch)
+        by_class = torch.zeros(model.head.out_features, dtype=torch.long)  # does pruning skew the classes?
         steps = math.ceil(len(ds) / args.batch_size)
         for step, batch in enumerate(tqdm(loader, total=steps, desc=f"epoch {epoch}", disable=not args.progress)):
             # The learning rate follows epoch progress: pruned epochs have fewer steps.
@@ -290,8 +291,10 @@ def run(args: argparse.Namespace) -> dict:
             stats = last_layer_scores(h, logits, y, label_smoothing=args.label_smoothing)
             ds.record(batch["ted_id"], score(stats, reading))
             trained += len(y)
+            by_class += torch.bincount(y, minlength=len(by_class))
         acc, test_loss = evaluate(model, x_test, y_test)
-        epochs.append({"epoch": epoch, "kept": mask.kept, "test_acc": acc, "test_loss": test_loss})
+        epochs.append({"epoch": epoch, "kept": mask.kept, "trained_by_class": by_class.tolist(), "test_acc": acc,
+                       "test_loss": test_loss})
     shutil.rmtree(table_dir, ignore_errors=True)
     return {"task": args.task, "lr": args.lr, "batch_size": args.batch_size, "policy": args.policy, "limit": args.limit, "epochs_run": args.epochs, "reading": reading, "target_saved": args.target_saved,
             "saved": 1 - trained / (n * args.epochs), "seed": args.seed, "test_acc": epochs[-1]["test_acc"],
