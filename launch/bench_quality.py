@@ -39,6 +39,9 @@ VARIANTS = {
     "ted (d, explore 0.3)": ["--policy", "ted", "--reading", "d", "--explore", "0.3"],
     "ted (d, explore 0.5)": ["--policy", "ted", "--reading", "d", "--explore", "0.5"],
     "grad-norm (explore 0.5)": ["--policy", "grad-norm", "--explore", "0.5"],
+    # Class-balanced selection (issue 5's search): the same fraction pruned from every class.
+    "ted (d, balanced)": ["--policy", "ted", "--reading", "d", "--balance"],
+    "ted (d, explore 0.5, balanced)": ["--policy", "ted", "--reading", "d", "--explore", "0.5", "--balance"],
 }
 
 

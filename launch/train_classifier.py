@@ -266,6 +266,8 @@ def run(args: argparse.Namespace) -> dict:
     table_dir = os.path.join(args.work_dir, f"table-{os.getpid()}-{time.time_ns()}")
     ds = TEDStreamingDataset(local=data, table_dir=table_dir, batch_size=args.batch_size, shuffle=True,
                              shuffle_seed=args.seed, ted=cfg)
+    if args.balance:  # the label column, read through the shards in sample-id order
+        ds.groups = np.array([ds.get_item(i)["label"] for i in range(ds.num_samples)])
     loader = StreamingDataLoader(ds, batch_size=args.batch_size)
     x_test, y_test = task.test_set()
     model = task.model()
@@ -298,7 +300,7 @@ def run(args: argparse.Namespace) -> dict:
     shutil.rmtree(table_dir, ignore_errors=True)
     return {"task": args.task, "lr": args.lr, "batch_size": args.batch_size, "policy": args.policy, "limit": args.limit, "epochs_run": args.epochs, "reading": reading, "target_saved": args.target_saved,
             "saved": 1 - trained / (n * args.epochs), "seed": args.seed, "test_acc": epochs[-1]["test_acc"],
-            "config": cfg.to_dict(), "epochs": epochs, "seconds": time.time() - t0}
+            "balance": args.balance, "config": cfg.to_dict(), "epochs": epochs, "seconds": time.time() - t0}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -316,6 +318,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--explore", type=float, default=0.1)
     p.add_argument("--rescale", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--monotone", action="store_true")
+    p.add_argument("--balance", action="store_true", help="class-balanced selection: prune the same fraction of every class")
     p.add_argument("--batch-size", type=int, default=None, help="default: the task's")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate; default: the task's")
     p.add_argument("--label-smoothing", type=float, default=0.1)

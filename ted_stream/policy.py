@@ -15,10 +15,17 @@ from .schedule import pruned_fraction
 from .table import EpochMask, ScoreTable, bf16_order_key
 
 
-def select(cfg: TEDConfig, table: ScoreTable, epoch: int, granule: int = 1) -> EpochMask:
+def select(cfg: TEDConfig, table: ScoreTable, epoch: int, granule: int = 1,
+           groups: Optional[np.ndarray] = None) -> EpochMask:
     """Keep-mask for ``epoch``; the kept count is rounded up to a multiple of ``granule``
-    (ranks x per-rank batch) where possible, so every rank gets the same number of full batches."""
+    (ranks x per-rank batch) where possible, so every rank gets the same number of full batches.
+
+    ``groups`` (one integer per sample, e.g. its class) makes the ``ted`` policy prune the same
+    fraction of every group's candidates, so pruning the easiest samples cannot shift the mix.
+    """
     n = table.num_samples
+    if groups is not None and np.shape(groups) != (n,):
+        raise ValueError(f"groups has shape {np.shape(groups)}: expected ({n},), one group per sample")
     keep = np.ones(n, dtype=bool)
     fraction = pruned_fraction(cfg, epoch)
     if fraction == 0.0:
@@ -36,11 +43,11 @@ def select(cfg: TEDConfig, table: ScoreTable, epoch: int, granule: int = 1) -> E
         below = np.flatnonzero(scored & (scores < scores[scored].mean())) if scored.any() else np.empty(0, np.int64)
         k = _rounded(round(fraction * len(below)), n, len(below), granule)
         return _drop_and_boost(epoch, keep, below, rng.choice(below, k, replace=False), math.inf)
-    return _ted(cfg, table, epoch, keep, rng, round(fraction * n), granule)
+    return _ted(cfg, table, epoch, keep, rng, round(fraction * n), granule, groups)
 
 
 def _ted(cfg: TEDConfig, table: ScoreTable, epoch: int, keep: np.ndarray,
-         rng: np.random.Generator, k: int, granule: int) -> EpochMask:
+         rng: np.random.Generator, k: int, granule: int, groups: Optional[np.ndarray]) -> EpochMask:
     n = table.num_samples
     candidates = np.flatnonzero(table.scored)  # never prune a sample that was never scored
     k = _rounded(k, n, len(candidates), granule)
@@ -51,17 +58,41 @@ def _ted(cfg: TEDConfig, table: ScoreTable, epoch: int, keep: np.ndarray,
         forced = _lowest(table, forced, rng, min(k, len(forced)))
         candidates = np.setdiff1d(candidates, forced, assume_unique=True)
     k_new = k - len(forced)
-    # Explore: the pool of lowest scores is larger than what is pruned, and a random part of
-    # it is re-admitted, so a sample pruned on a stale score gets trained and re-scored.
-    pool_size = min(len(candidates), math.ceil(k_new / (1.0 - cfg.explore)))
-    pool = _lowest(table, candidates, rng, pool_size)
-    rng.shuffle(pool)  # in place (the pool is ours): the first k_new of it go
-    drop = pool[:k_new]
+    if groups is None:
+        pool, drop = _pool_and_drop(cfg, table, candidates, rng, k_new)
+    else:
+        parts = []
+        labels = groups[candidates]
+        names, counts = np.unique(labels, return_counts=True)
+        for name, k_g in zip(names, _shares(k_new, counts)):
+            parts.append(_pool_and_drop(cfg, table, candidates[labels == name], rng, int(k_g)))
+        pool = np.concatenate([p for p, _ in parts])
+        drop = np.concatenate([d for _, d in parts])
     if cfg.rescale:
         return _drop_and_boost(epoch, keep, pool, np.concatenate([forced, drop]), cfg.max_weight)
     keep[forced] = False
     keep[drop] = False
     return EpochMask.from_bools(epoch, keep)
+
+
+def _pool_and_drop(cfg: TEDConfig, table: ScoreTable, candidates: np.ndarray, rng: np.random.Generator,
+                   k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(pool, drop): the lowest-scoring pool of ``candidates`` and the ``k`` of it pruned.
+
+    Explore: the pool is larger than what is pruned and a random part of it is re-admitted, so a
+    sample pruned on a stale score gets trained and re-scored."""
+    pool = _lowest(table, candidates, rng, min(len(candidates), math.ceil(k / (1.0 - cfg.explore))))
+    rng.shuffle(pool)  # in place (the pool is ours): the first k of it go
+    return pool, pool[:k]
+
+
+def _shares(total: int, counts: np.ndarray) -> np.ndarray:
+    """``total`` split in proportion to ``counts`` (largest remainders; each share <= its count
+    when total <= counts.sum())."""
+    exact = total * counts / counts.sum()
+    shares = np.floor(exact).astype(np.int64)
+    shares[np.argsort(shares - exact, kind="stable")[: total - int(shares.sum())]] += 1
+    return shares
 
 
 def _drop_and_boost(epoch: int, keep: np.ndarray, group: np.ndarray, drop: np.ndarray,

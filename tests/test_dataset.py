@@ -65,6 +65,20 @@ def test_samples_keep_their_columns_and_weights(corpus):
     assert set(weights.values()) == {1.0, 2.0}
 
 
+def test_groups_keep_the_label_mix(corpus):
+    """Scores that favour some labels: with the labels as groups, every label keeps the same share."""
+    labels = np.arange(600) % 5  # the corpus's label column, in sample-id order
+    ds = dataset(corpus, groups=labels)
+    ds.start_epoch(0)
+    ids = np.array([s["ted_id"] for s in ds])
+    ds.record(ids, labels[ids] + np.sin(ids * 1.7))  # label 0 scores lowest
+    mask = ds.start_epoch(1)
+    kept = np.bincount([s["label"] for s in ds], minlength=5)
+    assert kept.sum() == mask.kept < 600 and kept.max() - kept.min() <= 1
+    with pytest.raises(ValueError, match=r"groups has shape \(599,\) and dtype int64: expected \(600,\) integers"):
+        dataset(corpus, groups=labels[:-1])
+
+
 def test_pruning_epoch_without_start_epoch_is_an_error(corpus):
     ds = dataset(corpus)
     assert len([s for s in ds]) == 600  # warm-up epoch 0 needs no mask

@@ -116,3 +116,39 @@ def test_ted_rescale_weight_is_capped():
     cfg = TEDConfig(target=0.5, warmup_epochs=0, ramp_epochs=0, explore=0.5, rescale=True, max_weight=1.5)
     m = select(cfg, table(), 0)
     assert m.boost is not None and m.boost_weight == 1.5
+
+
+def test_groups_prune_the_same_fraction_of_each_group_and_its_lowest_scores():
+    """Group 0's scores are all lower than group 1's: ungrouped selection prunes group 0 only,
+    grouped selection prunes 40% of each (to the sample), and inside a group the lowest go."""
+    n = 1000
+    groups = np.repeat([0, 1, 2], [500, 300, 200])
+    t = ScoreTable(n, FP, ema=1.0)
+    scores = np.random.default_rng(0).random(n) + groups  # group g scores in [g, g + 1)
+    t.record(np.arange(n), scores)
+    cfg = TEDConfig(target=0.4, warmup_epochs=0, ramp_epochs=0, explore=0.0, rescale=False)
+    plain = ~unpack(select(cfg, t, 0))
+    assert plain.sum() == 400 and not plain[groups != 0].any()
+    pruned = ~unpack(select(cfg, t, 0, groups=groups))
+    assert [int(pruned[groups == g].sum()) for g in (0, 1, 2)] == [200, 120, 80]
+    stored = t.score_array()  # bfloat16: ties at the cut go either way
+    for g in (0, 1, 2):
+        inside = groups == g
+        assert stored[inside & pruned].max() <= stored[inside & ~pruned].min()
+
+
+def test_groups_with_exploration_and_rescaling_keep_the_counts_exact():
+    n = 997  # shares that do not divide evenly
+    groups = np.random.default_rng(1).integers(0, 7, n)
+    cfg = TEDConfig(target=0.35, warmup_epochs=0, ramp_epochs=0, explore=0.5)
+    m = select(cfg, table(n), 0, granule=8, groups=groups)
+    assert m.kept % 8 == 0 and m.boost is not None
+    pruned = ~unpack(m)
+    for g in range(7):
+        expected = (n - m.kept) * (groups == g).sum() / n
+        assert abs(pruned[groups == g].sum() - expected) < 1.0
+
+
+def test_groups_of_the_wrong_shape_are_refused():
+    with pytest.raises(ValueError, match=r"groups has shape \(10,\): expected \(1000,\)"):
+        select(TEDConfig(target=0.3, warmup_epochs=0), table(), 0, groups=np.zeros(10, int))

@@ -39,13 +39,16 @@ class TEDStreamingDataset(StreamingDataset):
         ted: a ``TEDConfig`` (or a mapping of its fields); default ``TEDConfig()``.
         table_dir: folder of the score table; default ``<local>/<split>/ted`` beside
             ``index.json`` (required when there are several streams).
+        groups: optional, one integer per sample in global sample-id order (e.g. the class
+            label): the ``ted`` policy then prunes the same fraction of every group. It must be
+            the same on every rank.
 
     Each sample gains ``ted_id`` (its global sample id, the key for ``record``) and
     ``ted_weight`` (its loss weight this epoch: 1 unless the policy rescales).
     """
 
     def __init__(self, *, ted: Union[TEDConfig, Mapping[str, Any], None] = None,
-                 table_dir: Optional[str] = None, **kwargs: Any) -> None:
+                 table_dir: Optional[str] = None, groups: Any = None, **kwargs: Any) -> None:
         if ted is None:
             ted = TEDConfig()
         elif isinstance(ted, Mapping):
@@ -55,6 +58,7 @@ class TEDStreamingDataset(StreamingDataset):
         _local_world_size_from_deepspeed()
         super().__init__(**kwargs)
         self.ted = ted
+        self.groups = groups
         index_dirs = [os.path.join(s.local, s.split or "") for s in self.streams]
         if table_dir is None:
             if len(index_dirs) > 1:
@@ -73,6 +77,20 @@ class TEDStreamingDataset(StreamingDataset):
         self._iter_epoch: Optional[int] = None  # the epoch this copy is iterating (workers)
         self._iter_mask: Optional[EpochMask] = None  # and its mask (None: all data, weight 1)
         self._kept_sizes: dict[int, int] = {}
+
+    @property
+    def groups(self) -> Optional[NDArray[np.integer]]:
+        """One integer per sample (e.g. its class), or None; settable before ``start_epoch``."""
+        return self._groups
+
+    @groups.setter
+    def groups(self, groups: Any) -> None:
+        if groups is not None:
+            groups = np.asarray(groups)
+            if groups.shape != (self.num_samples,) or not np.issubdtype(groups.dtype, np.integer):
+                raise ValueError(f"groups has shape {groups.shape} and dtype {groups.dtype}: expected "
+                                 f"({self.num_samples},) integers, one group per sample")
+        self._groups = groups
 
     # ---- the pruning hooks into upstream -------------------------------------------------------
     def resample_streams(self, epoch: int, stream_id: Optional[int] = None
@@ -155,7 +173,7 @@ class TEDStreamingDataset(StreamingDataset):
         self.table.epoch = epoch
         mask = self.table.masks.get(epoch)
         if mask is None and dist.rank() == 0:
-            mask = select(self.ted, self.table, epoch, self._granule())
+            mask = select(self.ted, self.table, epoch, self._granule(), self.groups)
         if dist.active():
             mask = self._broadcast_mask(epoch, mask)
         self.table.masks[epoch] = mask
