@@ -98,27 +98,17 @@ def report(args: argparse.Namespace) -> None:
     groups = collections.defaultdict(list)
     for r in done.values():
         groups[(r["variant"], r["level"] if r["variant"] != "full" else 0.0)].append(r)
+    levels = sorted({lv for (_, lv) in groups if lv > 0})
     full = [100 * r["test_acc"] for r in groups.get(("full", 0.0), [])]
     full_mean, full_std = (np.mean(full), np.std(full)) if full else (float("nan"), float("nan"))
-    levels = sorted({lv for (_, lv) in groups if lv > 0})
-    lines = ["| variant | " + " | ".join(f"saved {lv:.0%} target: acc % (mean ± std) / Δ vs full / measured saved / n"
-                                          for lv in levels) + " |",
-             "|---|" + "---|" * len(levels)]
-    lines.insert(0, f"All data: **{full_mean:.2f} ± {full_std:.2f} %** ({len(full)} seeds).\n")
-    for variant in VARIANTS:
-        if variant == "full" or not any(v == variant for v, _ in groups):
-            continue
-        cells = []
-        for lv in levels:
-            rs = groups.get((variant, lv), [])
-            if not rs:
-                cells.append("–")
-                continue
-            acc = np.array([100 * r["test_acc"] for r in rs])
-            saved = np.mean([r["saved"] for r in rs])
-            cells.append(f"{acc.mean():.2f} ± {acc.std():.2f} / {acc.mean() - full_mean:+.2f} / {saved:.1%} / {len(rs)}")
-        name = variant.replace("|", "\\|")  # a literal pipe would split the markdown cell
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    full_loss = [r["epochs"][-1]["test_loss"] for r in groups.get(("full", 0.0), [])]
+    lines = [f"All data: **{full_mean:.2f} ± {full_std:.2f} %** accuracy, held-out loss "
+             f"{np.mean(full_loss):.4f} ± {np.std(full_loss):.4f} nats ({len(full)} seeds).", "",
+             *metric_table(groups, levels, "acc % (mean ± std) / Δ vs full / measured saved / n",
+                           lambda r: 100 * r["test_acc"], full_mean, "{:.2f}"),
+             "", "Held-out loss at the end (less noisy than accuracy on a small test set):", "",
+             *metric_table(groups, levels, "loss (mean ± std) / Δ vs full / measured saved / n",
+                           lambda r: r["epochs"][-1]["test_loss"], np.mean(full_loss), "{:.4f}")]
     any_r = next(iter(done.values()))
     # Early results predate the lr/batch fields; every cell of a grid runs the task's defaults.
     lr = next((r["lr"] for r in done.values() if r.get("lr")), "task default")
@@ -135,6 +125,28 @@ def report(args: argparse.Namespace) -> None:
                             f"Every run is one line of `{os.path.relpath(args.results, ROOT)}` with its exact "
                             "command, config, per-epoch test accuracy and date.", "", meta, "", *lines, ""]))
     print("\n".join([meta, "", *lines]))
+
+
+def metric_table(groups: dict, levels: list[float], header: str, value, reference: float, fmt: str) -> list[str]:
+    """Markdown rows, one per variant that ran: mean ± std of ``value(run)``, Δ to ``reference``."""
+    lines = ["| variant | " + " | ".join(f"saved {lv:.0%} target: {header}" for lv in levels) + " |",
+             "|---|" + "---|" * len(levels)]
+    for variant in VARIANTS:
+        if variant == "full" or not any(v == variant for v, _ in groups):
+            continue
+        cells = []
+        for lv in levels:
+            rs = groups.get((variant, lv), [])
+            if not rs:
+                cells.append("–")
+                continue
+            x = np.array([value(r) for r in rs])
+            saved = np.mean([r["saved"] for r in rs])
+            cells.append(f"{fmt.format(x.mean())} ± {fmt.format(x.std())} / {'+' if x.mean() >= reference else '−'}"
+                         f"{fmt.format(abs(x.mean() - reference))} / {saved:.1%} / {len(rs)}")
+        name = variant.replace("|", "\\|")  # a literal pipe would split the markdown cell
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(groups, full_mean, full_std, path: str, task: str) -> None:
