@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -178,6 +179,7 @@ def section(h: Harness) -> list[str]:
                          f"{mppl:.2f} | {100 * (mppl / fppl - 1):+.2f}% | |")
         if name != "all" and common:
             verdicts.append((name, [100 * (runs[s]["ppl"] / full[s]["ppl"] - 1) for s in common],
+                             [100 * (math.exp(runs[s]["best"] - full[s]["best"]) - 1) for s in common],
                              [runs[s]["saved"] for s in common]))
     lines += ["", "Per-epoch held-out loss (nats/token):", ""]
     for name, _ in POLICIES:
@@ -187,10 +189,16 @@ def section(h: Harness) -> list[str]:
             before = "" if r["initial"] is None else f"before training {r['initial']:.3f}; "
             lines.append(f"- {name} seed {seed}: {before}{ep} (kept per epoch {kept})")
     lines += ["", "Target: held-out perplexity within 1% of all data at >= 30% saved (every seed):", ""]
-    for name, dd, sv in verdicts:
+    overfit = [s for s, r in full.items() if r["loss"] > r["best"] + 1e-3]
+    if overfit:
+        lines += [f"*The all-data run (seed {', '.join(map(str, overfit))}) overfits: its held-out loss rises after its "
+                  "best epoch, so a policy that trains less ends lower. The best-epoch comparison (early stopping) "
+                  "is the fairer one.*", ""]
+    for name, dd, best, sv in verdicts:
         met = all(x <= 1.0 for x in dd) and all(s >= 0.30 for s in sv)
         lines.append(f"- **{name}**: saved {', '.join(f'{100 * s:.1f}%' for s in sv)}, Δ ppl "
-                     f"{', '.join(f'{x:+.1f}%' for x in dd)} -> target **{'met' if met else 'NOT met'}**.")
+                     f"{', '.join(f'{x:+.1f}%' for x in dd)} (best epochs: {', '.join(f'{x:+.1f}%' for x in best)}) "
+                     f"-> target **{'met' if met else 'NOT met'}**.")
     lines += ["", "Commands (one per run, from the repository root):", "", "```bash"] + cmds + ["```", ""]
     return lines
 
