@@ -23,10 +23,17 @@ class TEDConfig:
     policy: ``ted`` (prune lowest scores), ``random`` (one fixed draw), ``random-dynamic``
         (a new draw per epoch) or ``infobatch`` (drop a random r of the below-mean scores).
     ema: weight of a new score in the per-sample moving average (1 = keep only the last).
-    explore: fraction of the lowest-scoring candidates re-admitted at random each epoch, so
-        stale scores can be refreshed.
+    explore: the random share of the selection. The pruned samples are drawn at random from a
+        pool of the lowest scores, of size pruned / (1 - explore) but never more than
+        pruned + explore * (candidates - pruned), so at least (1 - explore) of the kept samples
+        are kept for their scores at every target (0 = hard selection of the lowest scores).
+        The re-admitted part of the pool gets trained and re-scored, so stale scores refresh.
+    trim_top: share of each epoch's pruned count taken from the *highest* scores (outliers,
+        likely label noise) instead of the lowest; 0 prunes only from the bottom.
     monotone: once pruned, a sample stays pruned (otherwise re-selected every epoch).
-    rescale: weight the kept low-score samples up so the low-score region keeps its mass.
+    rescale: weight kept samples up so the pruned region keeps its loss mass: the kept part of
+        the ``ted`` pool by pool / kept, every kept sample of a ``random`` policy by n / kept
+        (the same total loss scale, for comparisons at a matched step size).
     max_weight: cap on that weight.
     seed: seed of every random choice the policy makes.
     """
@@ -40,6 +47,7 @@ class TEDConfig:
     policy: str = "ted"
     ema: float = 0.5
     explore: float = 0.5
+    trim_top: float = 0.0
     monotone: bool = False
     rescale: bool = True
     max_weight: float = 3.0
@@ -69,6 +77,8 @@ class TEDConfig:
             raise bad("ema", "a weight in (0, 1]")
         if not 0.0 <= self.explore < 1.0:
             raise bad("explore", "a fraction in [0, 1)")
+        if not 0.0 <= self.trim_top <= 1.0:
+            raise bad("trim_top", "a fraction in [0, 1]")
         if not self.max_weight >= 1.0:
             raise bad("max_weight", "a number >= 1")
         if not isinstance(self.seed, int) or self.seed < 0:

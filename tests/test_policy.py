@@ -1,8 +1,10 @@
+import warnings
+
 import numpy as np
 import pytest
 
 from ted_stream import TEDConfig
-from ted_stream.policy import select
+from ted_stream.policy import PruningWarning, pool_size, select
 from ted_stream.table import ScoreTable
 
 FP = {"digest": "c" * 64}
@@ -50,7 +52,8 @@ def test_ties_are_cut_exactly_and_broken_at_random():
 
 def test_ted_never_prunes_unscored_samples():
     t = table(scored=np.arange(0, 1000, 2))
-    m = select(TEDConfig(target=0.6, warmup_epochs=0, ramp_epochs=0), t, 0)
+    with pytest.warns(PruningWarning, match="only 500 have a score"):
+        m = select(TEDConfig(target=0.6, warmup_epochs=0, ramp_epochs=0), t, 0)
     keep = unpack(m)
     assert keep[1::2].all()
     assert m.kept == 500  # only 500 scored samples can be pruned
@@ -152,3 +155,54 @@ def test_groups_with_exploration_and_rescaling_keep_the_counts_exact():
 def test_groups_of_the_wrong_shape_are_refused():
     with pytest.raises(ValueError, match=r"groups has shape \(10,\): expected \(1000,\)"):
         select(TEDConfig(target=0.3, warmup_epochs=0), table(), 0, groups=np.zeros(10, int))
+
+
+def test_pool_is_capped_so_scores_always_decide():
+    assert pool_size(10, 100, 0.5) == 20  # below the cap: pruned / (1 - explore)
+    assert pool_size(50, 100, 0.5) == 75  # capped: 50 + 0.5 * 50, not all 100
+    assert pool_size(70, 100, 0.5) == 85
+    assert pool_size(100, 100, 0.5) == 100
+
+
+@pytest.mark.parametrize("target", [0.5, 0.7])
+def test_default_explore_keeps_the_scores_in_charge_at_high_targets(target):
+    """The default (explore 0.5) used to make the pool every sample at target >= 0.5, which is
+    random pruning. Now at least half of the kept samples are the highest scores."""
+    t = table(4000)
+    cfg = TEDConfig(target=target, warmup_epochs=0, ramp_epochs=0)
+    ted = unpack(select(cfg, t, 0))
+    rand = unpack(select(TEDConfig(**{**cfg.to_dict(), "policy": "random-dynamic"}), t, 0))
+    assert ted.sum() == rand.sum() == 4000 - round(target * 4000)
+    assert (ted != rand).mean() > 0.2
+    kept = ted.sum()
+    top = np.argsort(t.score_array())[-int(0.45 * kept):]  # (1 - explore) of the kept, less bf16 ties
+    assert ted[top].all()
+    assert not rand[top].all()
+
+
+def test_trim_top_prunes_that_share_from_the_highest_scores():
+    t = table()
+    m = select(TEDConfig(target=0.5, warmup_epochs=0, ramp_epochs=0, explore=0.0, trim_top=0.2), t, 0)
+    keep, order = unpack(m), np.argsort(t.score_array())
+    assert m.kept == 500
+    assert not keep[order[-100:]].any()  # 20% of the 500 pruned: the 100 highest
+    assert not keep[order[:400]].any() and keep[order[400:900]].all()
+
+
+@pytest.mark.parametrize("policy", ["random", "random-dynamic"])
+def test_random_policies_rescale_like_ted_when_asked(policy):
+    cfg = TEDConfig(target=0.5, warmup_epochs=0, ramp_epochs=0, policy=policy, max_weight=3.0)
+    m = select(cfg, table(), 0)
+    keep = unpack(m)
+    assert (m.weights(np.flatnonzero(keep)) == 2.0).all()  # n / kept: the loss mass of all data
+    plain = select(TEDConfig(**{**cfg.to_dict(), "rescale": False}), table(), 0)
+    assert plain.boost is None and (unpack(plain) == keep).all()  # same draw, weight 1
+
+
+def test_warns_when_too_few_samples_are_scored_and_not_otherwise():
+    cfg = TEDConfig(target=0.5, warmup_epochs=0, ramp_epochs=0)
+    with pytest.warns(PruningWarning, match="only 300 have a score"):
+        select(cfg, table(scored=np.arange(300)), 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        select(cfg, table(), 0)
