@@ -27,7 +27,10 @@ ROOT = os.path.dirname(HERE)
 # (name in the report, train_classifier.py arguments)
 VARIANTS = {
     "full": ["--policy", "full"],
-    "random-dynamic": ["--policy", "random-dynamic"],
+    "random-dynamic": ["--policy", "random-dynamic", "--no-rescale"],
+    # The same draw with every kept sample weighted n / kept: the loss scale the ted policy's
+    # rescaling keeps, so a row against it says what selection adds at a fixed step size.
+    "random (same loss scale)": ["--policy", "random-dynamic", "--rescale"],
     "infobatch": ["--policy", "infobatch"],
     "ted (d, reading 2)": ["--policy", "ted", "--reading", "d"],
     "ted (|s|)": ["--policy", "ted", "--reading", "abs-s"],
@@ -39,10 +42,21 @@ VARIANTS = {
     "ted (d, explore 0.3)": ["--policy", "ted", "--reading", "d", "--explore", "0.3"],
     "ted (d, explore 0.5)": ["--policy", "ted", "--reading", "d", "--explore", "0.5"],
     "grad-norm (explore 0.5)": ["--policy", "grad-norm", "--explore", "0.5"],
+    "loss (explore 0.5)": ["--policy", "loss", "--explore", "0.5"],
+    # Text (issue 15): prune a fifth of the pruned count from the highest scores (outliers,
+    # likely label noise) as well as from the lowest.
+    "ted (d, explore 0.5, trim-top 0.2)": ["--policy", "ted", "--reading", "d", "--explore", "0.5", "--trim-top", "0.2"],
     # Class-balanced selection (issue 5's search): the same fraction pruned from every class.
     "ted (d, balanced)": ["--policy", "ted", "--reading", "d", "--balance"],
     "ted (d, explore 0.5, balanced)": ["--policy", "ted", "--reading", "d", "--explore", "0.5", "--balance"],
 }
+
+
+def git_state() -> dict[str, object]:
+    """The commit the run used and whether the tree had uncommitted changes."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    return {"commit": git("rev-parse", "HEAD") or "unknown", "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def cell_key(variant: str, level: float, seed: int) -> str:
@@ -84,7 +98,7 @@ def run_grid(args: argparse.Namespace) -> None:
             continue
         result = json.loads(out.stdout.strip().splitlines()[-1])
         result.update(cell=key, variant=variant, level=level, command=" ".join(cmd[1:]),
-                      date=time.strftime("%Y-%m-%d %H:%M"))
+                      date=time.strftime("%Y-%m-%d %H:%M"), **git_state())
         with open(args.results, "a") as f:
             f.write(json.dumps(result) + "\n")
         print(f"[{i + 1}/{len(cells)}] {key}: acc {result['test_acc']:.4f} saved {result['saved']:.3f} "
@@ -179,7 +193,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--task", choices=("fashion", "rotten", "rotten-ft"), default="fashion")
+    p.add_argument("--task", choices=("fashion", "rotten", "rotten-ft", "news"), default="fashion")
     p.add_argument("--name", default=None, help="stem of the results and report files (default: the task)")
     p.add_argument("--report-only", action="store_true")
     # Other options (e.g. --ramp 1) go to every train_classifier.py run and into its recorded command.
