@@ -1,9 +1,23 @@
 """ted_stream: progressive TED data pruning for streaming loaders."""
+from importlib import import_module
+from typing import Any
+
 from .config import TEDConfig
-from .loaders.streaming import TEDStreamingDataset
 from .schedule import pruned_fraction
-from .scorer import Scores, TaylorScorer, last_layer_scores, per_sample_ce, per_sample_lm_loss, predicted_igd
 from .table import EpochMask, ScoreTable, TableError
+
+# The loader and the scorer import streaming and torch (seconds): loaded on first use, so that
+# `ted_stream.config` can check a launch config before anything heavy is imported.
+_LAZY = {"TEDStreamingDataset": ".loaders.streaming", "TaylorScorer": ".scorer", "Scores": ".scorer",
+         "last_layer_scores": ".scorer", "per_sample_ce": ".scorer", "per_sample_lm_loss": ".scorer",
+         "predicted_igd": ".scorer"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'ted_stream' has no attribute {name!r}")
+    return getattr(import_module(_LAZY[name], __name__), name)
+
 
 __all__ = ["TEDConfig", "TEDStreamingDataset", "ScoreTable", "EpochMask", "TableError", "pruned_fraction",
            "TaylorScorer", "Scores", "last_layer_scores", "per_sample_ce", "per_sample_lm_loss",

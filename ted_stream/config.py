@@ -1,12 +1,37 @@
-"""TEDConfig: every pruning knob, validated when it is built."""
+"""TEDConfig: every pruning knob, validated when it is built; the scorer settings of a config block.
+
+Imports nothing heavy, so a launcher can check a whole config before it loads torch.
+"""
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
 
 POLICIES = ("ted", "random", "random-dynamic", "infobatch")
 RAMPS = ("cubic", "linear")
+READINGS = ("d", "s", "abs_s", "sqnorm", "loss")
+# Every linear layer, 16 rows each: the TaylorScorer default measured by launch/bench_scorer.py.
+SCORER_DEFAULTS: dict[str, Any] = {"layers": ["*"], "rows": 16, "reading": "d", "ref_ema": 0.0, "seed": 0}
+# The JSON type each annotation accepts. bool is an int subclass, so it is refused explicitly:
+# "rescale": "false" or "target": true must not pass as a truthy string or the number 1.
+_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "float": ((numbers.Real,), "a number"), "int": ((numbers.Integral,), "an integer"),
+    "bool": ((bool,), "true or false"), "str": ((str,), "a string"),
+}
+
+
+def _type_error(value: Any, annotation: str) -> Optional[str]:
+    """What ``value`` should have been for ``annotation`` ("float", "Optional[int]", ...), or None."""
+    optional = annotation.startswith("Optional[")
+    base = annotation.removeprefix("Optional[").removesuffix("]")
+    if value is None and optional:
+        return None
+    kinds, words = _TYPES[base]
+    if isinstance(value, kinds) and (base == "bool" or not isinstance(value, bool)):
+        return None
+    return words + (" or null" if optional else "")
 
 
 @dataclass(frozen=True)
@@ -57,6 +82,15 @@ class TEDConfig:
         def bad(name: str, expected: str) -> ValueError:
             return ValueError(f"TEDConfig.{name}={getattr(self, name)!r} is invalid: expected {expected}")
 
+        for f in fields(self):  # types first: the range checks below assume numbers and strings
+            value = getattr(self, f.name)
+            expected = _type_error(value, str(f.type))
+            if expected:
+                raise bad(f.name, expected)
+            base = str(f.type).removeprefix("Optional[").removesuffix("]")
+            if value is not None and base in ("int", "float"):  # 0 and 0.0, np.int64(3) and 3: one run
+                object.__setattr__(self, f.name, int(value) if base == "int" else float(value))
+
         if not 0.0 <= self.target < 1.0:
             raise bad("target", "a fraction in [0, 1)")
         for name in ("warmup_epochs", "ramp_epochs", "tail_epochs"):
@@ -95,3 +129,66 @@ class TEDConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def run_identity(self) -> dict[str, Any]:
+        """The fields that decide which samples an epoch keeps (the policy and its schedule).
+
+        A table records this for every mask it freezes; a run with another identity may not
+        reuse those masks. ``epochs`` only matters through the tail, so without one a resumed
+        run may extend training.
+        """
+        identity = self.to_dict()
+        if not self.tail_epochs:
+            del identity["epochs"]
+        return identity
+
+
+def scorer_settings(block: Any) -> dict[str, Any]:
+    """The ``"scorer"`` sub-block of a ``"ted"`` config block, checked and completed with defaults.
+
+    Raises ValueError naming the field: a wrong type here would otherwise surface only once the
+    model is built, minutes into a launch.
+    """
+    if block is None:
+        block = {}
+    if not isinstance(block, Mapping):
+        raise ValueError(f"scorer={block!r} is invalid: expected an object of {sorted(SCORER_DEFAULTS)}")
+    unknown = sorted(set(block) - set(SCORER_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown scorer key(s) {unknown}; expected some of {sorted(SCORER_DEFAULTS)}")
+    out = {**SCORER_DEFAULTS, **block}
+
+    def bad(name: str, expected: str) -> ValueError:
+        return ValueError(f"scorer.{name}={out[name]!r} is invalid: expected {expected}")
+
+    if isinstance(out["layers"], str):
+        out["layers"] = [out["layers"]]
+    if not (isinstance(out["layers"], list) and out["layers"] and all(isinstance(x, str) for x in out["layers"])):
+        raise bad("layers", "a layer-name pattern or a non-empty list of them (strings)")
+    out["layers"] = list(out["layers"])
+    for name, annotation in (("rows", "Optional[int]"), ("reading", "str"), ("ref_ema", "float"), ("seed", "int")):
+        expected = _type_error(out[name], annotation)
+        if expected:
+            raise bad(name, expected)
+    if out["rows"] is not None and out["rows"] < 1:
+        raise bad("rows", "null or an integer >= 1")
+    if out["reading"] not in READINGS:
+        raise bad("reading", f"one of {READINGS}")
+    if not 0.0 <= out["ref_ema"] < 1.0:
+        raise bad("ref_ema", "a number in [0, 1)")
+    if out["seed"] < 0:
+        raise bad("seed", "an integer >= 0")
+    out["ref_ema"] = float(out["ref_ema"])
+    return out
+
+
+def read_block(block: Any) -> tuple[TEDConfig, dict[str, Any]]:
+    """(TEDConfig, scorer settings) from a ``"ted"`` config block (a JSON object with an optional
+    ``"scorer"`` sub-block); ValueError naming the field for any unknown key or wrong type."""
+    if block is None:
+        block = {}
+    if not isinstance(block, Mapping):
+        raise ValueError(f"the \"ted\" block must be a JSON object, got {type(block).__name__}")
+    block = dict(block)
+    scorer = scorer_settings(block.pop("scorer", None))
+    return TEDConfig.from_dict(block), scorer

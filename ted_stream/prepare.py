@@ -11,7 +11,7 @@ from streaming import MDSWriter
 from tqdm import tqdm
 
 from .fingerprint import index_fingerprint
-from .table import FILENAME, ScoreTable
+from .table import FILENAME, ScoreTable, current_umask
 
 _TYPES = {str: "str", bytes: "bytes", int: "int64", float: "float64", bool: "int64"}
 
@@ -59,6 +59,7 @@ def write_mds(samples: Iterable[dict[str, Any]], out: str, size_limit: int = 1 <
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide a shared dataset
         count = 0
         with MDSWriter(out=tmp, columns=columns, compression="zstd", size_limit=size_limit) as writer:
             for sample in tqdm(_chain(first, it), total=total, desc=f"writing {out}", unit="sample"):

@@ -72,6 +72,7 @@ class TEDStreamingDataset(StreamingDataset):
             self.table.ema = ted.ema
         else:
             self.table = ScoreTable(self.num_samples, fingerprint, ted.ema, path=self.table_path)
+        self.table.bind(ted.run_identity())  # refuses masks frozen under another configuration
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self._epoch: Optional[int] = None  # the epoch last frozen or resumed (main process)
         self._iter_epoch: Optional[int] = None  # the epoch this copy is iterating (workers)
