@@ -79,11 +79,44 @@ def test_groups_keep_the_label_mix(corpus):
         dataset(corpus, groups=labels[:-1])
 
 
-def test_pruning_epoch_without_start_epoch_is_an_error(corpus):
+def test_loop_without_start_epoch_and_without_scores_yields_every_epoch_whole(corpus):
+    """The drop-in case: epochs 1 and 2 prune per the schedule, but nothing was scored."""
     ds = dataset(corpus)
-    assert len([s for s in ds]) == 600  # warm-up epoch 0 needs no mask
-    with pytest.raises(RuntimeError, match=r"call start_epoch\(1\)"):
-        next(iter(ds))
+    for _ in range(3):
+        assert sorted(s["ted_id"] for s in ds) == list(range(600))
+    assert ds.table.masks == {}
+
+
+def test_loop_without_start_epoch_freezes_from_the_table_file(corpus):
+    """Scores persisted by save_table: an epoch iterated without start_epoch is frozen from the
+    file by every worker alike, the main process agrees, and save_table persists that mask."""
+    ds = dataset(corpus)
+    loader = StreamingDataLoader(ds, batch_size=BATCH, num_workers=2)
+    ids = np.array([i for b in loader for i in b["ted_id"].tolist()])  # epoch 0: warm-up
+    ds.record(ids, np.sin(ids * 1.7))
+    ds.save_table()
+    seen = [i for b in loader for i in b["ted_id"].tolist()]  # epoch 1, no start_epoch call
+    assert len(seen) == len(set(seen)) < 600
+    assert sorted(seen) == ds.kept_ids(1).tolist()  # each kept id once, across both workers
+    crc = loader.state_dict()["ted"]["mask_crc"]
+    ds.save_table()
+    assert ScoreTable.load(ds.table_path).masks[1].crc == crc
+
+
+def test_start_epoch_must_be_the_epoch_streaming_iterates_next(corpus):
+    ds = dataset(corpus)
+    with pytest.raises(ValueError, match=r"start_epoch\(1\) does not match the epoch streaming iterates next, 0"):
+        ds.start_epoch(1)
+    ds.start_epoch(0)
+    ds.start_epoch(0)  # again before iterating: the same epoch, allowed
+    assert len(list(ds)) == 600
+    with pytest.raises(ValueError, match=r"start_epoch\(0\) does not match .* next, 1: .* call start_epoch\(1\)"):
+        ds.start_epoch(0)
+    state = ds.state_dict(0, True)
+    close(ds)
+    resumed = dataset(corpus)
+    resumed.load_state_dict({**state, "epoch": 2})
+    resumed.start_epoch(2)  # a loaded checkpoint resumes its own epoch
 
 
 @pytest.mark.parametrize("nodes,ranks", [(1, 4), (2, 2), (4, 1)])

@@ -2,7 +2,8 @@
 
 The filter sits in ``resample_streams``, the one place every batching method asks which samples
 make up an epoch, so upstream partitioning, shuffling, padding and mid-epoch resumption run
-unchanged on the kept samples.
+unchanged on the kept samples. An epoch with nothing to skip returns upstream's arrays untouched:
+the dataset then yields exactly what ``StreamingDataset`` yields.
 """
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ import logging
 import os
 from math import ceil
 from typing import Any, Mapping, Optional, Union
+from urllib.parse import urlparse
 
 import numpy as np
 from numpy.typing import NDArray
 from streaming import StreamingDataset
+from streaming.base.storage import CloudDownloader, CloudUploader
+from streaming.base.storage.upload import UPLOADERS
 
 from .. import dist
+from .. import filter as sample_filters
 from ..config import TEDConfig
 from ..fingerprint import index_fingerprint
 from ..policy import select
@@ -32,23 +37,49 @@ def _local_world_size_from_deepspeed() -> None:
         os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
 
 
+def table_home(streams: Any, digest: str) -> tuple[str, Optional[str]]:
+    """(local folder, durable remote folder or None) of the default table of ``streams``.
+
+    The table lives beside the first stream's ``index.json``: ``ted/`` for one stream,
+    ``ted/mix-<fingerprint>/`` for a mixture (sample ids span every stream, so a mixture needs
+    its own table, and the fingerprint tells mixtures apart). With a ``remote``, the local copy
+    sits in streaming's cache, which may vanish: the remote folder is the durable home.
+    """
+    first = streams[0]
+    sub = "ted" if len(streams) == 1 else os.path.join("ted", f"mix-{digest[:16]}")
+    local = os.path.join(first.local, first.split or "", sub)
+    if first.remote is None:
+        return local, None
+    scheme = urlparse(first.remote).scheme
+    if scheme not in UPLOADERS:
+        raise ValueError(f"remote={first.remote!r}: streaming cannot upload to {scheme}://, so the score "
+                         "table has no durable home beside the index; pass table_dir=<a folder on shared "
+                         "storage> (or a remote that streaming can write to: "
+                         f"{', '.join(sorted(k for k in UPLOADERS if k))})")
+    return local, os.path.join(first.remote, first.split or "", sub)
+
+
 class TEDStreamingDataset(StreamingDataset):
     """A ``StreamingDataset`` whose epochs skip the samples the TED policy prunes.
 
     Takes every ``StreamingDataset`` keyword argument, plus:
         ted: a ``TEDConfig`` (or a mapping of its fields); default ``TEDConfig()``.
-        table_dir: folder of the score table; default ``<local>/<split>/ted`` beside
-            ``index.json`` (required when there are several streams).
+        table_dir: folder of the score table, used as given; default: see ``table_home``
+            (beside the first stream's ``index.json``, mirrored to its ``remote`` if any).
         groups: optional, one integer per sample in global sample-id order (e.g. the class
             label): the ``ted`` policy then prunes the same fraction of every group. It must be
             the same on every rank.
+        sample_filter: optional static filter applied to every epoch: a keep-list of global
+            sample ids, or a predicate ``fn(sample) -> bool`` evaluated once (cached beside the
+            table). Pruning then acts on the samples it keeps.
 
     Each sample gains ``ted_id`` (its global sample id, the key for ``record``) and
     ``ted_weight`` (its loss weight this epoch: 1 unless the policy rescales).
     """
 
     def __init__(self, *, ted: Union[TEDConfig, Mapping[str, Any], None] = None,
-                 table_dir: Optional[str] = None, groups: Any = None, **kwargs: Any) -> None:
+                 table_dir: Optional[str] = None, groups: Any = None,
+                 sample_filter: Optional[sample_filters.SampleFilter] = None, **kwargs: Any) -> None:
         if ted is None:
             ted = TEDConfig()
         elif isinstance(ted, Mapping):
@@ -59,24 +90,27 @@ class TEDStreamingDataset(StreamingDataset):
         super().__init__(**kwargs)
         self.ted = ted
         self.groups = groups
+        self._epoch_size_all = self.epoch_size  # upstream's, restored for epochs that keep all
         index_dirs = [os.path.join(s.local, s.split or "") for s in self.streams]
-        if table_dir is None:
-            if len(index_dirs) > 1:
-                raise ValueError(f"{len(index_dirs)} streams need an explicit table_dir: "
-                                 "the table covers their mixture, not one of them")
-            table_dir = os.path.join(index_dirs[0], "ted")
-        self.table_path = os.path.join(table_dir, FILENAME)
         fingerprint = index_fingerprint(index_dirs)
-        if os.path.exists(self.table_path):
+        self._table_remote: Optional[str] = None
+        if table_dir is None:
+            table_dir, self._table_remote = table_home(self.streams, fingerprint["digest"])
+        self.table_path = os.path.join(table_dir, FILENAME)
+        self.table = self._pull_table(fingerprint, kwargs.get("download_timeout", 60.0))
+        if self.table is None and os.path.exists(self.table_path):
             self.table = ScoreTable.load(self.table_path, fingerprint)
-            self.table.ema = ted.ema
-        else:
+        if self.table is None:
             self.table = ScoreTable(self.num_samples, fingerprint, ted.ema, path=self.table_path)
-        self.table.bind(ted.run_identity())  # refuses masks frozen under another configuration
+        self.table.ema = ted.ema
+        self._filter = None if sample_filter is None else EpochMask.from_bools(
+            -1, self._resolve_filter(sample_filter, table_dir))
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self._epoch: Optional[int] = None  # the epoch last frozen or resumed (main process)
         self._iter_epoch: Optional[int] = None  # the epoch this copy is iterating (workers)
         self._iter_mask: Optional[EpochMask] = None  # and its mask (None: all data, weight 1)
+        self._implicit: dict[int, EpochMask] = {}  # epochs frozen without start_epoch, from the file
+        self._run_granule: Optional[int] = None  # the granule of the run a checkpoint came from
         self._kept_sizes: dict[int, int] = {}
 
     @property
@@ -97,10 +131,16 @@ class TEDStreamingDataset(StreamingDataset):
     def resample_streams(self, epoch: int, stream_id: Optional[int] = None
                          ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
         units, ids = super().resample_streams(epoch, stream_id)
-        mask = self._mask_for(epoch)
-        if mask is None:
-            return units, ids
-        keep = mask.keeps(ids)
+        # generate_work calls this once per stream: reuse the mask resolved for this epoch.
+        mask = self._iter_mask if epoch == self._iter_epoch else self._mask_for(epoch)
+        if mask is None and self._filter is None:
+            if stream_id is None:
+                self.epoch_size = self._epoch_size_all
+            return units, ids  # upstream's arrays, untouched: the drop-in case
+        keep = np.ones(len(ids), bool)
+        for m in (mask, self._filter):
+            if m is not None:
+                keep &= m.keeps(ids)
         owner = np.repeat(np.arange(len(units)), units)
         kept_units = np.bincount(owner[keep], minlength=len(units))
         units, ids = kept_units[kept_units > 0].astype(np.int64), ids[keep]
@@ -109,11 +149,12 @@ class TEDStreamingDataset(StreamingDataset):
         return units, ids
 
     def _resume_incr_epoch(self) -> tuple[int, int]:
-        # Runs at the start of every epoch in every worker: resolve the epoch's mask once here,
-        # as a persistent worker may have to read it from disk.
+        # Runs at the start of every epoch in every worker, before streaming's barrier in
+        # _get_work lets any worker of this node yield: every worker resolves the epoch's mask
+        # before a single sample of it is consumed (a persistent worker reads it from disk).
         epoch, sample_in_epoch = super()._resume_incr_epoch()
         self._iter_epoch = epoch
-        self._iter_mask = self._mask_for(epoch, strict=False)
+        self._iter_mask = self._mask_for(epoch)
         return epoch, sample_in_epoch
 
     def get_item(self, sample_id: int, retry: int = 7) -> Any:
@@ -123,19 +164,86 @@ class TEDStreamingDataset(StreamingDataset):
         sample["ted_weight"] = float(mask.weights([sample_id])[0]) if mask is not None else 1.0
         return sample
 
-    def _mask_for(self, epoch: int, strict: bool = True) -> Optional[EpochMask]:
-        """The frozen mask of ``epoch``; None means all data."""
+    def _mask_for(self, epoch: int) -> Optional[EpochMask]:
+        """The keep-mask of ``epoch``; None means all data. Never raises for a missing mask.
+
+        In order: the mask frozen by ``start_epoch`` (in memory, or in the table file for a
+        persistent worker whose copy predates it); else, for an epoch the schedule prunes, the
+        mask frozen implicitly from the table *file*: every rank and worker reads the same file
+        (it changes only in ``save_table``/``start_epoch``, which persist this mask first), so
+        they all compute the same mask, without a collective. A file with no scores prunes nothing.
+        """
         mask = self.table.masks.get(epoch)
-        if mask is None and os.path.exists(self.table_path):
-            # A persistent DataLoader worker holds a copy made before start_epoch: read the
-            # masks that start_epoch persisted.
-            self.table.masks.update(ScoreTable.load(self.table_path, self.table.fingerprint).masks)
-            mask = self.table.masks.get(epoch)
-        if mask is None and strict and pruned_fraction(self.ted, epoch) > 0:
-            raise RuntimeError(f"epoch {epoch} prunes {pruned_fraction(self.ted, epoch):.0%} of the data "
-                               f"but has no frozen keep-mask: call start_epoch({epoch}) on every rank "
-                               "before iterating it")
+        if mask is not None:
+            return mask
+        if not os.path.exists(self.table_path):
+            return None
+        disk = ScoreTable.load(self.table_path, self.table.fingerprint)
+        for e, m in disk.masks.items():
+            self.table.masks.setdefault(e, m)
+        mask = self.table.masks.get(epoch, self._implicit.get(epoch))
+        if mask is None and pruned_fraction(self.ted, epoch) > 0 and disk.scored.any():
+            mask = self._implicit[epoch] = self._select(disk, epoch)
         return mask
+
+    def _select(self, table: ScoreTable, epoch: int) -> EpochMask:
+        """The policy's mask; with a filter, the policy sees only the samples the filter keeps."""
+        if self._filter is None:
+            return select(self.ted, table, epoch, self._granule(), self.groups)
+        kept = np.flatnonzero(_bools(self._filter))
+        sub = ScoreTable(len(kept), table.fingerprint, table.ema, table.scores[kept], table.updated[kept],
+                         {e: _sub_mask(m, kept) for e, m in table.masks.items() if e < epoch})
+        sub.epoch = table.epoch
+        part = select(self.ted, sub, epoch, self._granule(), None if self.groups is None else self.groups[kept])
+        keep, boost = np.zeros(self.num_samples, bool), None
+        keep[kept] = _bools(part.keep, len(kept))
+        if part.boost is not None:
+            boost = np.zeros(self.num_samples, bool)
+            boost[kept] = _bools(part.boost, len(kept))
+        return EpochMask.from_bools(epoch, keep, boost, part.boost_weight)
+
+    # ---- where the table lives -----------------------------------------------------------------
+    def _pull_table(self, fingerprint: dict[str, Any], timeout: float) -> Optional[ScoreTable]:
+        """The durable remote copy of the table, if there is one (it wins over the local cache)."""
+        if self._table_remote is None:
+            return None
+        folder = os.path.dirname(self.table_path)
+        os.makedirs(folder, exist_ok=True)
+        # A private download per rank: other ranks of the node may be reading the local copy.
+        tmp = os.path.join(folder, f".remote-{os.getpid()}-{self._unique_rank_world.rank}.tedt")
+        try:
+            CloudDownloader.direct_download(os.path.join(self._table_remote, FILENAME), tmp, timeout)
+        except FileNotFoundError:
+            return None  # a new table: the first save_table uploads it
+        try:
+            table = ScoreTable.load(tmp, fingerprint)
+        finally:
+            os.unlink(tmp)  # the mapping stays valid
+        table.path = self.table_path
+        return table
+
+    def _push_table(self) -> None:
+        if self._table_remote is not None and self._unique_rank_world.rank == 0:
+            uploader = CloudUploader.get((os.path.dirname(self.table_path), self._table_remote),
+                                         keep_local=True, exist_ok=True)
+            uploader.upload_file(FILENAME)
+
+    def _resolve_filter(self, spec: sample_filters.SampleFilter, table_dir: str) -> NDArray[np.bool_]:
+        if not callable(spec):
+            return sample_filters.keep_from_ids(spec, self.num_samples)
+        path = sample_filters.cache_path(table_dir, self.table.fingerprint["digest"],
+                                         sample_filters.predicate_identity(spec))
+        keep = None
+        if dist.rank() == 0:
+            keep = sample_filters.load_cached(path, self.num_samples)
+            if keep is None:
+                keep = sample_filters.evaluate(spec, self.num_samples, super().get_item)
+        if dist.active():  # rank 0 evaluated it: every rank gets the same bits
+            payload = None if keep is None else np.packbits(keep, bitorder="little")
+            keep = _bools(dist.broadcast_bytes(payload), self.num_samples)
+        if self._unique_rank_world.is_local_leader and not os.path.exists(path):
+            sample_filters.save_cached(path, keep)
+        return keep
 
     # ---- public API --------------------------------------------------------------------------
     def record(self, ids: Any, scores: Any) -> None:
@@ -160,24 +268,39 @@ class TEDStreamingDataset(StreamingDataset):
         for rank_ids, rank_vals in dist.all_gather_records(ids, vals):
             self.table.record(rank_ids, rank_vals)
 
+    def next_streaming_epoch(self) -> int:
+        """The epoch streaming iterates next: its epoch counter, or a loaded checkpoint's epoch."""
+        return self._resume(self._parallel_rank_world, self.next_epoch)[0]
+
     def start_epoch(self, epoch: int) -> EpochMask:
         """Freeze the keep-mask of ``epoch`` (collective under torch.distributed).
 
-        Rank 0 computes it from its table snapshot and broadcasts it, so every rank and node
-        holds the bit-identical mask. An epoch already frozen (a resumed run) keeps its mask.
+        ``epoch`` must be the epoch streaming iterates next (``next_streaming_epoch()``).
+        Rank 0 computes the mask from its table snapshot and broadcasts it, so every rank and
+        node holds the bit-identical mask. An epoch already frozen (a resumed run) keeps its mask.
         The table, mask included, is persisted by each node's local leader.
         """
         if not isinstance(epoch, (int, np.integer)) or epoch < 0:
             raise ValueError(f"start_epoch: epoch={epoch!r} is invalid: expected an integer >= 0")
         epoch = int(epoch)
+        expected = self.next_streaming_epoch()
+        if epoch != expected:
+            # A mask frozen for another epoch than the one iterated prunes the wrong samples
+            # (and len() disagrees with what the loader yields).
+            raise ValueError(f"start_epoch({epoch}) does not match the epoch streaming iterates next, "
+                             f"{expected}: epochs count from 0 and advance once per pass over the loader "
+                             f"(a loaded checkpoint resumes its own epoch); call start_epoch({expected})")
+        self._persist_current_mask()  # before the collective, as in save_table
         self.sync()
         self.table.epoch = epoch
         mask = self.table.masks.get(epoch)
         if mask is None and dist.rank() == 0:
-            mask = select(self.ted, self.table, epoch, self._granule(), self.groups)
+            mask = self._select(self.table, epoch)
         if dist.active():
             mask = self._broadcast_mask(epoch, mask)
         self.table.masks[epoch] = mask
+        self._implicit.pop(epoch, None)
+        self._iter_epoch = None  # a resumed epoch may have been resolved before this freeze
         self._epoch = epoch
         self.save_table()  # nothing left to merge: sync above
         logger.info("epoch %d: keeping %d of %d samples", epoch, mask.kept, self.table.num_samples)
@@ -186,33 +309,49 @@ class TEDStreamingDataset(StreamingDataset):
     def save_table(self) -> None:
         """Merge every rank's scores and persist the table atomically (collective under
         torch.distributed: call it on every rank, e.g. when checkpointing; each node's local
-        leader writes)."""
+        leader writes; global rank 0 uploads it to the remote home, if any)."""
+        self._persist_current_mask()  # before the collective: no rank reads the file after a write
         self.sync()
         if self._unique_rank_world.rank_of_node == 0:
             self.table.save(self.table_path)
+            self._push_table()
+
+    def _persist_current_mask(self) -> None:
+        # The epoch in progress may have been frozen implicitly from the file about to be
+        # overwritten: record its mask (all-keep where that froze nothing) so that it survives.
+        epoch = self._resume(self._parallel_rank_world, self.next_epoch - 1)[0]
+        if epoch < 0 or epoch in self.table.masks or pruned_fraction(self.ted, epoch) == 0:
+            return
+        mask = self._mask_for(epoch)
+        self.table.masks[epoch] = mask if mask is not None else EpochMask.from_bools(
+            epoch, np.ones(self.num_samples, bool))
 
     def kept_ids(self, epoch: int) -> NDArray[np.int64]:
-        """Global ids of the samples kept in a frozen ``epoch``."""
-        mask = self._mask_for(epoch, strict=False)
-        if mask is None:
+        """Global ids of the samples kept in ``epoch`` (static filter included)."""
+        mask = self._mask_for(epoch)
+        if mask is None and self._filter is None:
             raise KeyError(f"epoch {epoch} has no frozen keep-mask (frozen: {sorted(self.table.masks)})")
-        return np.flatnonzero(np.unpackbits(mask.keep, bitorder="little", count=mask.num_samples))
+        keep = np.ones(self.num_samples, bool)
+        for m in (mask, self._filter):
+            if m is not None:
+                keep &= _bools(m.keep, self.num_samples)
+        return np.flatnonzero(keep)
 
     def __len__(self) -> int:
-        """Samples per rank in the current epoch (the last frozen or resumed one)."""
+        """Samples per rank in the current epoch (the last frozen or resumed one); upstream's
+        length while nothing is skipped."""
         epoch = self._epoch if self._epoch is not None else self.next_epoch
+        if epoch not in self.table.masks and self._filter is None:
+            return self.length
         if epoch not in self._kept_sizes:
-            # The main process holds every mask it froze or resumed: no disk read on this hot path.
-            if epoch not in self.table.masks:
-                return self.length
             self._kept_sizes[epoch] = len(self.resample_streams(epoch)[1])
         return ceil(self._kept_sizes[epoch] / self._parallel_rank_world.num_ranks)
 
     def state_dict(self, num_samples: int, from_beginning: bool) -> dict[str, Any]:
         state = super().state_dict(num_samples, from_beginning)
-        mask = self.table.masks.get(state["epoch"])
+        mask = self._mask_for(state["epoch"]) if state["epoch"] >= 0 else None
         state["ted"] = {"fingerprint": self.table.fingerprint["digest"], "epoch": state["epoch"],
-                        "mask_crc": None if mask is None else mask.crc}
+                        "mask_crc": None if mask is None else mask.crc, "granule": self._granule()}
         return state
 
     def load_state_dict(self, obj: dict[str, Any]) -> None:
@@ -222,7 +361,7 @@ class TEDStreamingDataset(StreamingDataset):
             if ted["fingerprint"] != self.table.fingerprint["digest"]:
                 raise ValueError(f"checkpoint was taken on dataset {ted['fingerprint'][:12]}, "
                                  f"this dataset is {self.table.fingerprint['digest'][:12]}")
-            mask = self.table.masks.get(ted["epoch"])
+            mask = self._mask_for(ted["epoch"]) if ted["epoch"] >= 0 else None
             crc = None if mask is None else mask.crc
             if ted["mask_crc"] is not None and crc != ted["mask_crc"]:
                 found = "no mask" if mask is None else f"mask CRC {crc:#010x}"
@@ -230,10 +369,15 @@ class TEDStreamingDataset(StreamingDataset):
                                  f"CRC {ted['mask_crc']:#010x} but the table at {self.table_path} holds "
                                  f"{found}; resume with the table saved alongside the checkpoint")
             self._epoch = ted["epoch"]
+            # Elastic resume: later masks keep the rounding of the run that started, so they are
+            # the masks an uninterrupted run would freeze, whatever the new number of ranks.
+            self._run_granule = ted.get("granule")
         super().load_state_dict(obj)
 
     # ---- helpers -----------------------------------------------------------------------------
     def _granule(self) -> int:
+        if self._run_granule is not None:
+            return self._run_granule
         return self._parallel_rank_world.num_ranks * (self.batch_size or 1)
 
     def _broadcast_mask(self, epoch: int, mask: Optional[EpochMask]) -> EpochMask:
@@ -249,6 +393,19 @@ class TEDStreamingDataset(StreamingDataset):
         boost = data[nbits:-8] if len(data) - 8 > nbits else None
         return EpochMask(epoch, data[:nbits].copy(), None if boost is None else boost.copy(),
                          float(np.frombuffer(data[-8:].tobytes(), np.float64)[0]), n)
+
+
+def _bools(packed: Any, count: Optional[int] = None) -> NDArray[np.bool_]:
+    """Unpack little-order keep bits (an ``EpochMask`` or its bytes) into bools."""
+    if isinstance(packed, EpochMask):
+        packed, count = packed.keep, packed.num_samples
+    return np.unpackbits(packed, bitorder="little", count=count).astype(bool)
+
+
+def _sub_mask(mask: EpochMask, ids: NDArray[np.int64]) -> EpochMask:
+    """``mask`` restricted to ``ids``, renumbered 0..len(ids)-1."""
+    boost = None if mask.boost is None else _bools(mask.boost, mask.num_samples)[ids]
+    return EpochMask.from_bools(mask.epoch, _bools(mask)[ids], boost, mask.boost_weight)
 
 
 def _to_numpy(x: Any) -> Any:
