@@ -28,11 +28,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))  # ted_stream from a source checkout, too
 
+from ted_stream.config import READINGS, read_block  # noqa: E402,F401  (numpy only; READINGS re-exported)
+
 DEFAULT_CONFIG = os.path.join(HERE, "configs", "zero2.json")
-# Every linear layer, 16 rows each: the TaylorScorer default measured by launch/bench_scorer.py
-# (random rows of the LM head alone rank samples no better than chance; docs/scorer.md).
-SCORER_DEFAULTS = {"layers": ["*"], "rows": 16, "reading": "d", "ref_ema": 0.0, "seed": 0}
-READINGS = ("d", "s", "abs_s", "sqnorm", "loss")
 TABLE_IN_CHECKPOINT = "ted_table.tedt"
 
 
@@ -44,37 +42,20 @@ class ConfigError(ValueError):
 def split_config(raw: dict[str, Any], epochs: int) -> tuple[dict[str, Any], Any, dict[str, Any]]:
     """(DeepSpeed config without "ted", TEDConfig, scorer settings) from a loaded JSON config.
 
-    Raises ConfigError naming any unknown or invalid key.
+    Raises ConfigError naming any unknown, ill-typed or invalid key (ted_stream.config.read_block).
     """
-    from ted_stream.config import TEDConfig
-
     ds_config = dict(raw)
     block = ds_config.pop("ted", None)
-    if block is None:
-        block = {}
-    if not isinstance(block, dict):
+    if block is not None and not isinstance(block, dict):
         raise ConfigError(f'"ted" must be a JSON object, got {type(block).__name__}')
-    block = dict(block)
-    scorer = block.pop("scorer", None) or {}
-    if not isinstance(scorer, dict):
-        raise ConfigError(f'"ted.scorer" must be a JSON object, got {type(scorer).__name__}')
-    unknown = sorted(set(scorer) - set(SCORER_DEFAULTS))
-    if unknown:
-        raise ConfigError(f'unknown key(s) {unknown} in "ted.scorer"; expected some of {sorted(SCORER_DEFAULTS)}')
-    scorer = {**SCORER_DEFAULTS, **scorer}
-    if scorer["reading"] not in READINGS:
-        raise ConfigError(f'"ted.scorer.reading" = {scorer["reading"]!r} is invalid: expected one of {READINGS}')
-    if scorer["rows"] is not None and (not isinstance(scorer["rows"], int) or scorer["rows"] < 1):
-        raise ConfigError(f'"ted.scorer.rows" = {scorer["rows"]!r} is invalid: expected null or an integer >= 1')
-    if isinstance(scorer["layers"], str):
-        scorer["layers"] = [scorer["layers"]]
-    if "epochs" in block and block["epochs"] is not None and block["epochs"] != epochs:
+    block = dict(block or {})
+    if block.get("epochs") is not None and block["epochs"] != epochs:
         raise ConfigError(f'"ted.epochs" = {block["epochs"]} but the run has --epochs {epochs}; '
                           "drop one of them or make them agree")
     block["epochs"] = epochs
     try:
-        ted = TEDConfig.from_dict(block)
-    except (ValueError, TypeError) as e:
+        ted, scorer = read_block(block)
+    except ValueError as e:
         raise ConfigError(f'invalid "ted" block: {e}') from None
     return ds_config, ted, scorer
 
@@ -271,6 +252,56 @@ def unlink_deepspeed_shm() -> None:
                 pass
 
 
+def _shm_in_use(folder: str) -> set[str]:
+    """Names under ``folder`` that a live process (of this user: others' /proc is unreadable) maps
+    or holds open."""
+    used = set()
+    prefix = os.path.realpath(folder) + "/"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                used.update(line.split(prefix, 1)[1].split(" (deleted)")[0].strip() for line in f if prefix in line)
+            fds = f"/proc/{pid}/fd"
+            used.update(os.readlink(os.path.join(fds, fd))[len(prefix):] for fd in os.listdir(fds)
+                        if os.readlink(os.path.join(fds, fd)).startswith(prefix))
+        except OSError:  # gone, or another user's
+            continue
+    return used
+
+
+def clean_stale_shm(folder: str = "/dev/shm") -> list[str]:
+    """Remove what killed runs left in ``folder``: DeepSpeed's CPU allreduce buffers (~69 MB each,
+    named after the run's port, so a run on another port never finds them) and mosaicml-streaming's
+    segments (``NNNNNN_*``; a stale ``_locals`` makes the next dataset on the same folder fail).
+    Only this user's files that no live process maps or holds open go: a job running beside this
+    one keeps its buffers. Returns the names removed."""
+    uid = os.getuid()
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    ours = []
+    for name in names:
+        if name.startswith(f"deepspeed_allreduce_buffer_{uid}_") or (name[:6].isdigit() and name[6:7] == "_"):
+            try:
+                if os.stat(os.path.join(folder, name)).st_uid == uid:
+                    ours.append(name)
+            except OSError:
+                pass
+    if not ours:
+        return []
+    used = _shm_in_use(folder)
+    removed = []
+    for name in ours:
+        if name not in used:
+            try:
+                os.unlink(os.path.join(folder, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
 def build_model(args: argparse.Namespace, vocab_size: int, eot_id: int):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -394,6 +425,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     single_process_env()
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # before init_distributed: no rank of this job has any yet
+        removed = clean_stale_shm()
+        if removed:
+            print(f"[train_llm] removed {len(removed)} shared-memory file(s) left in /dev/shm by killed "
+                  f"runs: {', '.join(sorted(removed))}", flush=True)
 
     import numpy as np
     import torch

@@ -173,7 +173,8 @@ class ScoreTable:
                              f"{ids.dtype}, e.g. {ids[:3].tolist()}")
         if len(values) and values.dtype.kind not in "iuf":
             raise ValueError(f"record: scores must be real numbers; got dtype {values.dtype}")
-        ids, values = ids.astype(np.int64), values.astype(np.float32)
+        with np.errstate(over="ignore"):  # a float64 beyond float32's range: reported as not finite
+            ids, values = ids.astype(np.int64), values.astype(np.float32)
         if len(ids) and (ids.min() < 0 or ids.max() >= self.num_samples):
             raise ValueError(f"record: sample ids must lie in [0, {self.num_samples}); "
                              f"got min {ids.min()}, max {ids.max()}")
