@@ -1,6 +1,11 @@
+import re
+import subprocess
+import sys
+
 import pytest
 
 from ted_stream import TEDConfig, pruned_fraction
+from ted_stream.config import SCORER_DEFAULTS, read_block
 
 
 @pytest.mark.parametrize("field,value", [
@@ -47,3 +52,59 @@ def test_target_for_saved_hits_the_saved_fraction():
     assert sum(pruned_fraction(tuned, e) for e in range(10)) / 10 == pytest.approx(0.5)
     with pytest.raises(ValueError, match="out of reach"):
         target_for_saved(cfg, 0.8)
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("rescale", "false", "true or false"), ("monotone", 1, "true or false"),
+    ("target", "0.4", "a number"), ("target", True, "a number"), ("ema", None, "a number"),
+    ("warmup_epochs", 1.0, "an integer"), ("epochs", "4", "an integer or null"), ("seed", False, "an integer"),
+    ("policy", 3, "a string"), ("ramp", ["cubic"], "a string"),
+])
+def test_wrong_types_name_the_field(field, value, expected):
+    # "rescale": "false" is truthy: before type checks it switched rescaling on.
+    with pytest.raises(ValueError, match=re.escape(f"TEDConfig.{field}={value!r} is invalid: expected {expected}")):
+        TEDConfig.from_dict({field: value})
+
+
+def test_json_numbers_are_normalised():
+    import numpy as np
+
+    cfg = TEDConfig(target=0, epochs=np.int64(5), max_weight=2)
+    assert (type(cfg.target), type(cfg.epochs), type(cfg.max_weight)) == (float, int, float)
+    assert cfg.run_identity() == TEDConfig(target=0.0, epochs=5, max_weight=2.0).run_identity()
+
+
+def test_run_identity_is_the_policy_and_its_schedule():
+    base = TEDConfig(target=0.4)
+    assert base.run_identity() == TEDConfig(target=0.4, epochs=9).run_identity()  # no tail: epochs is moot
+    with_tail = TEDConfig(target=0.4, epochs=9, tail_epochs=1)
+    assert with_tail.run_identity()["epochs"] == 9
+    for change in ({"target": 0.2}, {"explore": 0.1}, {"seed": 1}, {"ramp": "linear"}, {"rescale": False}):
+        assert TEDConfig(**{"target": 0.4, **change}).run_identity() != base.run_identity()
+
+
+def test_read_block_checks_the_scorer_at_once():
+    ted, scorer = read_block({"target": 0.4, "scorer": {"layers": "lm_head", "rows": None}})
+    assert ted.target == 0.4 and scorer == {**SCORER_DEFAULTS, "layers": ["lm_head"], "rows": None}
+    assert read_block(None) == (TEDConfig(), SCORER_DEFAULTS)
+    for block, msg in [({"scorer": {"layers": 5}}, "scorer.layers=5 is invalid"),
+                       ({"scorer": {"layers": ["a", 1]}}, "scorer.layers"),
+                       ({"scorer": {"layers": []}}, "scorer.layers"),
+                       ({"scorer": {"rows": "16"}}, "scorer.rows='16' is invalid: expected an integer or null"),
+                       ({"scorer": {"rows": 0}}, "scorer.rows=0"),
+                       ({"scorer": {"reading": "igd"}}, "scorer.reading='igd'"),
+                       ({"scorer": {"ref_ema": 1.0}}, "scorer.ref_ema=1.0"),
+                       ({"scorer": {"seed": True}}, "scorer.seed=True"),
+                       ({"scorer": {"rowz": 3}}, r"unknown scorer key\(s\) \['rowz'\]"),
+                       ({"scorer": [1]}, "scorer=\\[1\\] is invalid"),
+                       ([1], "must be a JSON object")]:
+        with pytest.raises(ValueError, match=msg):
+            read_block(block)
+
+
+def test_config_module_imports_nothing_heavy():
+    # A launcher checks the whole config before paying for torch and streaming (seconds).
+    code = ("import sys, ted_stream.config; "
+            "print(sorted(m for m in ('torch', 'streaming', 'deepspeed') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
