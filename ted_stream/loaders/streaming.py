@@ -103,6 +103,7 @@ class TEDStreamingDataset(StreamingDataset):
         if self.table is None:
             self.table = ScoreTable(self.num_samples, fingerprint, ted.ema, path=self.table_path)
         self.table.ema = ted.ema
+        self.table.bind(ted.run_identity())  # refuses masks frozen under another configuration
         self._filter = None if sample_filter is None else EpochMask.from_bools(
             -1, self._resolve_filter(sample_filter, table_dir))
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
