@@ -27,8 +27,9 @@ def inspect(folder: str, table_dir: Optional[str] = None) -> dict[str, Any]:
     epochs = {}
     for e, m in sorted(table.masks.items()):
         kept = m.kept
-        epochs[str(e)] = {"kept": kept, "pruned": table.num_samples - kept,
-                          "boost_weight": m.boost_weight if m.boost is not None else None}
+        epochs[str(e)] = {"kept": kept, "pruned": table.num_samples - kept, "requested": m.requested,
+                          "boost_weight": m.boost_weight if m.boost is not None else None,
+                          "config": table.frozen_by.get(e)}
     return {
         "table": path, "num_samples": table.num_samples, "scored": int(scored.sum()),
         "fingerprint": table.fingerprint["digest"], "fingerprint_matches": matches,
@@ -36,6 +37,7 @@ def inspect(folder: str, table_dir: Optional[str] = None) -> dict[str, Any]:
         "score_min": float(scores.min()) if len(scores) else None,
         "score_max": float(scores.max()) if len(scores) else None,
         "epochs": epochs,
+        "configs": {d: table.configs[d] for d in sorted(set(table.frozen_by.values()))},
     }
 
 
@@ -66,7 +68,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{info['table']}: {info['num_samples']} samples, {info['scored']} scored, "
               f"fingerprint {'matches' if info['fingerprint_matches'] else 'DOES NOT match'}")
         for e, m in info["epochs"].items():
-            print(f"  epoch {e}: kept {m['kept']}, pruned {m['pruned']}")
+            asked = "" if m["requested"] is None else f" (schedule asked for {m['requested']})"
+            print(f"  epoch {e}: kept {m['kept']}, pruned {m['pruned']}{asked}, config {m['config']}")
+        for digest, config in info["configs"].items():
+            print(f"  config {digest}: {json.dumps(config, sort_keys=True)}")
     return 0
 
 

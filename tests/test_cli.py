@@ -7,6 +7,7 @@ import numpy as np
 
 from ted_stream import TEDConfig, TEDStreamingDataset
 from ted_stream.cli import main
+from ted_stream.table import EpochMask, ScoreTable
 
 CLI = [sys.executable, "-m", "ted_stream.cli"]
 
@@ -27,8 +28,22 @@ def test_prepare_then_inspect(tmp_path, capsys):
     assert main(["inspect", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["num_samples"] == 50 and info["scored"] == 50 and info["fingerprint_matches"]
-    assert info["epochs"]["0"] == {"kept": 50, "pruned": 0, "boost_weight": None}
-    assert info["epochs"]["1"]["pruned"] == 20
+    digest = info["epochs"]["0"]["config"]
+    assert info["epochs"]["0"] == {"kept": 50, "pruned": 0, "requested": None, "boost_weight": None,
+                                   "config": digest}
+    assert info["epochs"]["1"]["pruned"] == 20 and info["epochs"]["1"]["config"] == digest
+    assert info["configs"] == {digest: TEDConfig(target=0.4, warmup_epochs=1, ramp_epochs=0).run_identity()}
+    # requested (what the schedule asked for) beside what was pruned, in both outputs
+    table = ScoreTable.load(str(out / "ted" / "table.tedt"))
+    m = table.masks[1]
+    table.masks[1] = EpochMask(m.epoch, m.keep, m.boost, m.boost_weight, m.num_samples, requested=17)
+    table.save()
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["epochs"]["1"]["requested"] == 17
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"epoch 1: kept 30, pruned 20 (schedule asked for 17), config {digest}" in text
+    assert f"config {digest}: " in text and '"target": 0.4' in text
 
 
 def test_cli_errors_are_readable(tmp_path, capsys):
