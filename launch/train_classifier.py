@@ -355,7 +355,9 @@ def run(args: argparse.Namespace) -> dict:
         acc, test_loss = evaluate(model, x_test, y_test)
         epochs.append({"epoch": epoch, "kept": mask.kept, "trained_by_class": by_class.tolist(), "test_acc": acc,
                        "test_loss": test_loss})
-    if not args.keep_table:
+    if args.keep_table:  # the final weights too, for launch/what_is_pruned.py
+        torch.save(model.state_dict(), os.path.join(table_dir, "model.pt"))
+    else:
         shutil.rmtree(table_dir, ignore_errors=True)
     return {"task": args.task, "lr": args.lr, "batch_size": args.batch_size, "policy": args.policy, "limit": args.limit, "epochs_run": args.epochs, "reading": reading, "target_saved": args.target_saved,
             "saved": 1 - trained / (n * args.epochs), "seed": args.seed, "test_acc": epochs[-1]["test_acc"],
