@@ -302,6 +302,31 @@ def clean_stale_shm(folder: str = "/dev/shm") -> list[str]:
     return removed
 
 
+# What DeepSpeed pickles into its ZeRO 1-3 checkpoints besides tensors and containers (found with
+# torch.serialization.get_unsafe_globals_in_checkpoint): plain data classes with no side effects.
+CHECKPOINT_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                      "deepspeed.runtime.zero.config.ZeroStageEnum",
+                      "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+def load_checkpoint_weights_only(engine: Any, ckpt_dir: str, tag: str) -> Any:
+    """``engine.load_checkpoint`` with every file read by ``torch.load(weights_only=True)``.
+
+    DeepSpeed's own engine unpickles with ``weights_only=False``, so a checkpoint folder could
+    run code on resume; here it may hold only tensors, containers and CHECKPOINT_GLOBALS.
+    """
+    import importlib
+
+    import torch
+
+    allowed = [getattr(importlib.import_module(mod), name)
+               for mod, name in (g.rsplit(".", 1) for g in CHECKPOINT_GLOBALS)]
+    engine.checkpoint_engine.load = lambda path, map_location=None: torch.load(
+        path, map_location=map_location, weights_only=True)
+    with torch.serialization.safe_globals(allowed):
+        return engine.load_checkpoint(ckpt_dir, tag=tag)
+
+
 def build_model(args: argparse.Namespace, vocab_size: int, eot_id: int):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -473,7 +498,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     state = {"epoch": 0, "step": 0, "trained": 0, "epoch_trained": 0, "epoch_micro": 0}
     if resume_tag is not None:
-        _, client = engine.load_checkpoint(ckpt_dir, tag=resume_tag)
+        _, client = load_checkpoint_weights_only(engine, ckpt_dir, resume_tag)
         state.update(client["train"])
         if client.get("scorer_reference") is not None:
             scorer.reference = client["scorer_reference"]
