@@ -35,27 +35,42 @@ def keep_from_ids(ids: Any, num_samples: int) -> np.ndarray:
 
 def predicate_identity(fn: Callable[..., Any]) -> str:
     """A stable digest of what ``fn`` computes: the same function gives the same digest in every
-    process and run; editing its code, constants, defaults or captured values changes it."""
-    code = getattr(fn, "__code__", None)
-    if code is None:
+    process and run; editing its code, constants, defaults, captured values or the values of the
+    globals it reads (helper functions included) changes it."""
+    if getattr(fn, "__code__", None) is None:
         raise ValueError(f"sample_filter={fn!r} has no __code__: expected a function or a lambda "
                          "(wrap a callable object in one)")
     h = hashlib.sha256()
-    h.update(f"{fn.__module__}.{fn.__qualname__}".encode())
-    _hash_code(h, code)
-    h.update(repr(fn.__defaults__).encode() + repr(fn.__kwdefaults__).encode())
-    for cell in fn.__closure__ or ():
-        h.update(repr(cell.cell_contents).encode())
+    _hash_function(h, fn, set())
     return h.hexdigest()
 
 
-def _hash_code(h: "hashlib._Hash", code: types.CodeType) -> None:
+def _hash_function(h: Any, fn: types.FunctionType, seen: set[int]) -> None:
+    seen.add(id(fn))
+    h.update(f"{fn.__module__}.{fn.__qualname__}".encode())
+    names = _hash_code(h, fn.__code__)
+    h.update(repr(fn.__defaults__).encode() + repr(fn.__kwdefaults__).encode())
+    for cell in fn.__closure__ or ():
+        h.update(repr(cell.cell_contents).encode())
+    for name in sorted(names & fn.__globals__.keys()):
+        value = fn.__globals__[name]
+        if isinstance(value, types.FunctionType):
+            if id(value) not in seen:
+                _hash_function(h, value, seen)
+        elif not isinstance(value, types.ModuleType):  # a module is its name, already hashed
+            h.update(f"{name}={value!r}".encode())
+
+
+def _hash_code(h: Any, code: types.CodeType) -> set[str]:
+    """Hash ``code`` and its nested functions' code; return every global name they read."""
     h.update(code.co_code + repr(code.co_names).encode())
+    names = set(code.co_names)
     for const in code.co_consts:  # nested functions: their code, not their address
         if isinstance(const, types.CodeType):
-            _hash_code(h, const)
+            names |= _hash_code(h, const)
         else:
             h.update(repr(const).encode())
+    return names
 
 
 def evaluate(fn: Callable[[dict[str, Any]], Any], num_samples: int,

@@ -1,5 +1,6 @@
 """Drop-in compatibility: with nothing scored, TEDStreamingDataset yields what StreamingDataset
 yields, scenario by scenario; plus elastic resumption and static filters with pruning on."""
+import functools
 import gc
 import os
 import shutil
@@ -12,6 +13,7 @@ from streaming.base.batching import generate_work
 from streaming.base.world import World
 
 from ted_stream import TEDConfig, TEDStreamingDataset
+from ted_stream import filter as sample_filters
 from ted_stream.loaders.streaming import table_home
 from ted_stream.prepare import write_mds
 from ted_stream.table import ScoreTable
@@ -140,6 +142,7 @@ def test_mixture_and_remote_table_homes(data, tmp_path):
     ds.record(np.arange(10), np.arange(10.0))
     ds.save_table()
     assert ScoreTable.load(str(remote / "ted" / "table.tedt")).scored.sum() == 10
+    assert os.listdir(tmp_path / "cache1" / "ted") == ["table.tedt"]  # no staging or download left
     del ds
     gc.collect()
     again = TEDStreamingDataset(remote=str(remote), local=str(tmp_path / "cache2"), batch_size=BATCH, ted=CFG)
@@ -205,23 +208,21 @@ def test_elastic_resume_with_pruning(data, tmp_path, before, after):
     gc.collect()
 
 
-_calls = {"n": 0}  # a module global, so it is not part of the predicate's identity
-
-
 def no_label_zero(sample):
-    _calls["n"] += 1
     return sample["label"] != 0
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_filter_composes_with_pruning_and_resumes(data, tmp_path, method):
+def test_filter_composes_with_pruning_and_resumes(data, tmp_path, method, monkeypatch):
     """A predicate filter, evaluated once and cached: every epoch yields only samples it keeps,
     pruning acts on those, and a mid-epoch resume yields exactly the rest."""
     kw = {"shuffle": True, "batching_method": method, "table_dir": str(tmp_path / "t"),
           "sample_filter": no_label_zero}
-    _calls["n"] = 0
+    calls = []
+    evaluate = sample_filters.evaluate
+    monkeypatch.setattr(sample_filters, "evaluate", lambda *a: calls.append(a) or evaluate(*a))
     ds = make(TEDStreamingDataset, data, "two", **kw)
-    assert _calls["n"] == ds.num_samples
+    assert len(calls) == 1
     allowed = {i for i in range(ds.num_samples) if ds.get_item(i)["label"] != 0}
     assert set(ds.kept_ids(0).tolist()) == allowed
     ds.start_epoch(0)
@@ -240,9 +241,8 @@ def test_filter_composes_with_pruning_and_resumes(data, tmp_path, method):
     assert method != "random" or set(full) == kept
     del loader, ds
     gc.collect()
-    _calls["n"] = 0
     again = make(TEDStreamingDataset, data, "two", **kw)
-    assert _calls["n"] == 0  # cached beside the table
+    assert len(calls) == 1  # cached beside the table
     loader = StreamingDataLoader(again, batch_size=BATCH)
     again.next_epoch = 1  # epoch 0 was done by the first instance
     head, state = [], None
@@ -269,3 +269,22 @@ def test_keep_list_filter(data):
         make(TEDStreamingDataset, data, "one", sample_filter=[0, 300])
     del ds
     gc.collect()
+
+
+THRESHOLD = 1
+
+
+def above_threshold(sample):
+    return sample["label"] > THRESHOLD
+
+
+def test_predicate_identity_follows_what_it_computes(monkeypatch):
+    """The cache key changes with the code, a captured value or a global the predicate reads."""
+    first = sample_filters.predicate_identity(above_threshold)
+    assert sample_filters.predicate_identity(above_threshold) == first
+    monkeypatch.setitem(above_threshold.__globals__, "THRESHOLD", 2)
+    assert sample_filters.predicate_identity(above_threshold) != first
+    captured = [sample_filters.predicate_identity(lambda s, k=k: s["label"] > k) for k in (1, 2)]
+    assert captured[0] != captured[1]
+    with pytest.raises(ValueError, match=r"sample_filter=functools.partial\(.*\) has no __code__"):
+        sample_filters.predicate_identity(functools.partial(above_threshold))

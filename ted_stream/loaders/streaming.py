@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from math import ceil
 from typing import Any, Mapping, Optional, Union
 from urllib.parse import urlparse
@@ -224,10 +226,16 @@ class TEDStreamingDataset(StreamingDataset):
         return table
 
     def _push_table(self) -> None:
-        if self._table_remote is not None and self._unique_rank_world.rank == 0:
-            uploader = CloudUploader.get((os.path.dirname(self.table_path), self._table_remote),
-                                         keep_local=True, exist_ok=True)
-            uploader.upload_file(FILENAME)
+        if self._table_remote is None or self._unique_rank_world.rank != 0:
+            return
+        # Upload from a fresh folder holding a hard link to the table: streaming's uploaders
+        # expect an empty local folder, and the link costs no copy.
+        staging = tempfile.mkdtemp(prefix=".upload-", dir=os.path.dirname(self.table_path))
+        try:
+            os.link(self.table_path, os.path.join(staging, FILENAME))
+            CloudUploader.get((staging, self._table_remote), exist_ok=True).upload_file(FILENAME)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _resolve_filter(self, spec: sample_filters.SampleFilter, table_dir: str) -> NDArray[np.bool_]:
         if not callable(spec):
