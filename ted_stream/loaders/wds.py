@@ -1,0 +1,345 @@
+"""TEDWebDataset: TED pruning over WebDataset tar shards, without rewriting or converting them.
+
+Two ways to read the same indexed shards (``ted-stream index``), one score table and one mask:
+
+* the exact path: a map-style dataset with random access by sample id (one ``pread`` of the
+  sample's byte span; pruned samples are never read) and ``sampler``, which deals each epoch's
+  kept ids over ranks, shuffled by (seed, epoch), every rank padded to the same count with kept ids
+  only; DataLoader workers fetch whole batches of that order, in order, so a checkpoint resumes
+  exactly mid-epoch;
+* the streaming path: ``wds_shards()`` and ``wds_select()``, stages of a webdataset pipeline that
+  deal the shards over ranks x workers and drop the pruned samples by id before decoding. Tar
+  shards are read front to back there, so pruned samples' bytes are still read (not decoded);
+  every worker of every rank yields the same count (the largest share, padded with its own kept
+  samples), so every rank gets the same number of batches.
+
+Why not webdataset's ``wids`` for the exact path: webdataset 1.0.2 no longer ships it (it moved to
+its own package), and the manifest already holds each sample's byte span, so a reader is a
+``pread`` plus a tar-header check: no second index format, no extra dependency.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch.distributed
+import torch.utils.data
+
+from .. import dist
+from ..config import TEDConfig
+from ..pruner import Pruner, as_config
+from ..table import FILENAME, EpochMask, ScoreTable
+from ..wds_index import CorruptSample, ManifestError, Shards, WdsIndex
+
+STATE_FORMAT = "ted_stream/wds-state"
+_SUBSTITUTES = 16  # kept samples tried in place of a corrupt one before giving up
+
+
+class CorruptSampleWarning(UserWarning):
+    """A sample could not be read or decoded; it was replaced by another kept sample."""
+
+
+class TEDWebDataset(torch.utils.data.Dataset):
+    """Pruned, exactly resumable access to indexed WebDataset tar shards.
+
+    Args:
+        shards: the indexed shards: a brace pattern (``data/shard-{000000..000009}.tar``), a list
+            of paths, or their folder; checked against the manifest (ManifestError names a shard
+            added, removed or changed since indexing).
+        ted: a ``TEDConfig`` (or a mapping of its fields); default ``TEDConfig()``.
+        table_dir: folder of the score table; default ``<shard folder>/ted``.
+        decode: ``fn(raw_sample) -> sample`` on the exact path (e.g. ``webdataset.autodecode.Decoder``);
+            default: raw bytes per field. A sample it fails on is reported like a corrupt one.
+        batch_size: per-rank batch size; the kept count is rounded up to ranks x batch_size so
+            that ranks rarely need padding.
+        shuffle, seed: the epoch order is a permutation by (seed, epoch), else sample-id order.
+        rank, world_size: default: torch.distributed's, or 0 and 1.
+        groups: one integer per sample (e.g. its class): class-balanced ``ted`` selection.
+        rehash: check every shard's SHA-256 at open, not only those whose mtime changed.
+    """
+
+    def __init__(self, shards: Shards, *, ted: Union[TEDConfig, dict[str, Any], None] = None,
+                 table_dir: Optional[str] = None, decode: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None,
+                 batch_size: int = 1, shuffle: bool = True, seed: int = 0, rank: Optional[int] = None,
+                 world_size: Optional[int] = None, groups: Optional[Sequence[int]] = None, rehash: bool = False):
+        self.index = WdsIndex.open(shards, rehash=rehash)
+        self.ted = as_config(ted)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} is invalid: expected an integer >= 1")
+        if world_size is None:
+            world_size = torch.distributed.get_world_size() if dist.active() else 1
+        self.world_size = world_size
+        self.rank = dist.rank() if rank is None else rank
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank={self.rank} is invalid: expected 0 <= rank < world_size={self.world_size}")
+        self.pruner = Pruner(os.path.join(table_dir or os.path.join(self.index.folder, "ted"), FILENAME),
+                             self.index.fingerprint, self.ted)
+        n = self.index.num_samples
+        if groups is not None:
+            groups = np.asarray(groups)
+            if groups.shape != (n,) or not np.issubdtype(groups.dtype, np.integer):
+                raise ValueError(f"groups has shape {groups.shape} and dtype {groups.dtype}: expected ({n},) "
+                                 "integers, one group per sample")
+        self.groups = groups
+        self.decode, self.batch_size, self.shuffle, self.seed = decode, batch_size, shuffle, seed
+        self._epoch: Optional[int] = None  # the epoch last frozen (or resumed)
+        self._resume: Optional[tuple[int, int]] = None  # (epoch, samples this rank already consumed)
+        self._order: dict[int, np.ndarray] = {}  # epoch -> this rank's ids, in order
+        self._files: dict[str, Any] = {}  # open shard files of this process
+        self._names: Optional[dict[tuple[str, str], int]] = None  # (shard, key) -> id, built on first use
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_files"] = {}  # open files stay with their process (spawned workers reopen)
+        return state
+
+    # ---- table -------------------------------------------------------------------------------
+    @property
+    def table(self) -> ScoreTable:
+        return self.pruner.table
+
+    @property
+    def table_path(self) -> str:
+        return self.pruner.table_path
+
+    @property
+    def num_samples(self) -> int:
+        return self.index.num_samples
+
+    def start_epoch(self, epoch: int) -> EpochMask:
+        """Freeze the keep-mask of ``epoch`` (collective under torch.distributed: rank 0 runs the
+        policy, every rank receives the same bits; the table is persisted) and make it the epoch
+        the sampler and the pipeline stages serve. A frozen epoch keeps its mask (resume)."""
+        if not isinstance(epoch, (int, np.integer)) or isinstance(epoch, bool) or epoch < 0:
+            raise ValueError(f"start_epoch: epoch={epoch!r} is invalid: expected an integer >= 0")
+        mask = self.pruner.freeze(int(epoch), self.world_size * self.batch_size, self.groups)
+        if self._resume is not None and self._resume[0] != epoch:
+            self._resume = None  # a checkpoint of another epoch says nothing about this one
+        self._epoch = int(epoch)
+        return mask
+
+    def record(self, ids: Any, scores: Any) -> None:
+        """Fold per-sample scores (keyed by the batch's ``ted_id``) into the table."""
+        self.pruner.record(ids, scores)
+
+    def save_table(self) -> None:
+        """Merge every rank's scores and persist the table (collective: call on every rank)."""
+        self.pruner.save()
+
+    def kept_ids(self, epoch: int) -> np.ndarray:
+        """Sorted global ids kept in ``epoch``; KeyError if it was never frozen."""
+        return np.flatnonzero(self._keep_bools(epoch))
+
+    def _mask(self, epoch: int) -> EpochMask:
+        mask = self.pruner.mask(epoch)
+        if mask is None:
+            raise KeyError(f"epoch {epoch} has no frozen keep-mask (frozen: {sorted(self.table.masks)}): "
+                           f"call start_epoch({epoch}) before reading it")
+        return mask
+
+    def _keep_bools(self, epoch: int) -> np.ndarray:
+        return np.unpackbits(self._mask(epoch).keep, bitorder="little", count=self.num_samples).astype(bool)
+
+    def _current_epoch(self) -> int:
+        if self._epoch is None:
+            raise RuntimeError("no epoch started: call start_epoch(epoch) before iterating (every epoch, "
+                               "like DistributedSampler.set_epoch)")
+        return self._epoch
+
+    # ---- the exact path ----------------------------------------------------------------------
+    def rank_ids(self, epoch: int) -> np.ndarray:
+        """This rank's sample ids of ``epoch``, in the order they are served.
+
+        The kept ids, permuted by (seed, epoch), are padded to a multiple of world_size by
+        repeating the first ones of the order (kept ids only), then dealt round-robin to ranks.
+        """
+        if epoch not in self._order:
+            order = self.kept_ids(epoch)
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch]).permutation(order)
+            per_rank = -(-len(order) // self.world_size)
+            self._order = {epoch: np.resize(order, per_rank * self.world_size)[self.rank::self.world_size]}
+        return self._order[epoch]
+
+    @property
+    def sampler(self) -> "EpochSampler":
+        """The sampler of the exact path: ``DataLoader(ds, batch_size=..., sampler=ds.sampler)``."""
+        return EpochSampler(self)
+
+    def __len__(self) -> int:
+        """Samples addressable by id (all of them); ``len(ds.sampler)`` is this rank's epoch."""
+        return self.num_samples
+
+    def __getitem__(self, index: Union[int, tuple[int, int]]) -> dict[str, Any]:
+        """The sample with ``ted_id`` and ``ted_weight``; ``index`` is a sample id (weighted by the
+        current epoch, if any) or the sampler's ``(epoch, sample id)``.
+
+        A sample that cannot be read or decoded is reported (CorruptSampleWarning naming its shard
+        and key) and replaced by the next kept sample of that epoch, so the epoch goes on and every
+        rank still yields the same count.
+        """
+        epoch, sample_id = index if isinstance(index, tuple) else (self._epoch, int(index))
+        mask = self._mask(epoch) if epoch is not None else None
+        try:
+            sample = self._load(sample_id)
+        except CorruptSample as error:
+            if mask is None:
+                raise
+            sample_id, sample = self._substitute(error, epoch)
+        sample["ted_id"] = sample_id
+        sample["ted_weight"] = float(mask.weights([sample_id])[0]) if mask is not None else 1.0
+        return sample
+
+    def _load(self, sample_id: int) -> dict[str, Any]:
+        sample = self.index.read(sample_id, self._files)
+        if self.decode is None:
+            return sample
+        try:
+            return self.decode(sample)
+        except Exception as e:  # the user's decoder on damaged bytes: any exception type
+            raise CorruptSample(sample["__shard__"], sample["__key__"], sample_id,
+                                f"decode failed: {type(e).__name__}: {e}") from e
+
+    def _substitute(self, error: CorruptSample, epoch: int) -> tuple[int, dict[str, Any]]:
+        kept = self.kept_ids(epoch)
+        start = int(np.searchsorted(kept, error.sample_id, side="right"))
+        for sample_id in kept[(start + np.arange(min(_SUBSTITUTES, len(kept)))) % len(kept)]:
+            try:
+                sample = self._load(int(sample_id))
+            except CorruptSample:
+                continue
+            warnings.warn(f"{error}; replaced by kept sample {sample_id} for epoch {epoch}",
+                          CorruptSampleWarning, stacklevel=3)
+            return int(sample_id), sample
+        raise RuntimeError(f"{error}; and the next {_SUBSTITUTES} kept samples fail too: the shards "
+                           f"in {self.index.folder} look damaged (re-run ted-stream index --rehash to check)") from error
+
+    def state_dict(self, samples_in_epoch: int) -> dict[str, Any]:
+        """A JSON-serialisable resume point: ``samples_in_epoch`` is how many samples this rank
+        has taken from its loader in the current epoch (the same on every rank)."""
+        epoch = self._current_epoch()
+        total = len(self.rank_ids(epoch))
+        if not 0 <= samples_in_epoch <= total:
+            raise ValueError(f"samples_in_epoch={samples_in_epoch} is invalid: epoch {epoch} serves "
+                             f"{total} samples per rank")
+        return {"format": STATE_FORMAT, "fingerprint": self.index.fingerprint["digest"], "epoch": epoch,
+                "samples_in_epoch": int(samples_in_epoch), "mask_crc": self._mask(epoch).crc,
+                "world_size": self.world_size, "seed": self.seed, "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at ``state``: the next ``start_epoch(state["epoch"])`` keeps its frozen mask and
+        the sampler skips what was consumed. Refuses another dataset, another order (world size,
+        seed, shuffle) or a table whose mask of that epoch differs."""
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a TEDWebDataset state: format={state.get('format')!r}, expected {STATE_FORMAT!r}")
+        if state["fingerprint"] != self.index.fingerprint["digest"]:
+            raise ValueError(f"checkpoint was taken on dataset {state['fingerprint'][:12]}, these shards are "
+                             f"{self.index.fingerprint['digest'][:12]}")
+        for key in ("world_size", "seed", "shuffle"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"checkpoint has {key}={state[key]!r}, this dataset {getattr(self, key)!r}: "
+                                 "the epoch order depends on it, so the resume would not be exact")
+        epoch = state["epoch"]
+        mask = self.pruner.mask(epoch)
+        if mask is None or mask.crc != state["mask_crc"]:
+            found = "no mask" if mask is None else f"mask CRC {mask.crc:#010x}"
+            raise ValueError(f"cannot resume epoch {epoch}: the checkpoint's keep-mask has CRC "
+                             f"{state['mask_crc']:#010x} but the table at {self.table_path} holds {found}; "
+                             "resume with the table saved alongside the checkpoint")
+        self._resume = (epoch, int(state["samples_in_epoch"]))
+        self._epoch = epoch
+
+    # ---- the streaming path (webdataset pipeline stages) -------------------------------------
+    def _slot(self) -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        return self.rank * workers + worker, self.world_size * workers
+
+    def _slot_shards(self, epoch: int, slots: int) -> list[np.ndarray]:
+        shards = len(self.index.shards)
+        if shards < slots:
+            raise ValueError(f"{shards} shards cannot be dealt to {slots} ranks x workers: expected at least "
+                             "one shard per worker of every rank (use fewer workers or more shards)")
+        order = np.arange(shards)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch, 1]).permutation(shards)
+        return [order[s::slots] for s in range(slots)]
+
+    def wds_shards(self) -> Callable[[], Iterator[dict[str, str]]]:
+        """First stage of a webdataset pipeline: this rank's and worker's shards for the current
+        epoch (shuffled by (seed, epoch), dealt round-robin), as ``{"url": path}``."""
+        def source() -> Iterator[dict[str, str]]:
+            slot, slots = self._slot()
+            for s in self._slot_shards(self._current_epoch(), slots)[slot]:
+                yield {"url": os.path.join(self.index.folder, self.index.shards[s]["name"])}
+        return source
+
+    def wds_select(self) -> Callable[[Iterator[dict[str, Any]]], Iterator[dict[str, Any]]]:
+        """The stage after ``webdataset.tarfile_to_samples()`` and before decoding: drops the
+        samples pruned this epoch by id and adds ``ted_id``/``ted_weight`` (decode with
+        ``partial=True`` so webdataset's decoder leaves them alone).
+
+        Every worker of every rank yields the same count: the largest kept count of any worker's
+        shards, rounded up to batch_size; a worker with fewer kept samples repeats its own first
+        kept samples (held raw, in memory, until its shards end). Each rank thus gets
+        ``workers x count / batch_size`` batches with ``webdataset.batched(batch_size)``.
+        """
+        def select(samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+            epoch = self._current_epoch()
+            mask, keep = self._mask(epoch), self._keep_bools(epoch)
+            slot, slots = self._slot()
+            cumulative = np.concatenate([[0], np.cumsum(keep)])
+            per_shard = cumulative[self.index.starts[1:]] - cumulative[self.index.starts[:-1]]
+            counts = [int(per_shard[s].sum()) for s in self._slot_shards(epoch, slots)]
+            quota = -(-max(counts) // self.batch_size) * self.batch_size
+            ids = self._ids_by_name()
+            repeats: list[dict[str, Any]] = []
+            served = 0
+            for sample in samples:
+                name = os.path.basename(sample["__url__"])
+                sample_id = ids.get((name, sample["__key__"]))
+                if sample_id is None:
+                    raise ManifestError(f"shard {name} holds key {sample['__key__']!r}, which is not in the "
+                                        f"manifest of {self.index.folder}: re-run ted-stream index")
+                if not keep[sample_id]:
+                    continue
+                sample["ted_id"], sample["ted_weight"] = int(sample_id), float(mask.weights([sample_id])[0])
+                if len(repeats) < quota - counts[slot]:
+                    repeats.append(dict(sample))
+                yield sample
+                served += 1
+            if served < quota and not repeats:
+                raise RuntimeError(f"rank {self.rank}, worker slot {slot}: no kept sample in its shards to pad "
+                                   f"{quota - served} samples with (epoch {epoch}); use fewer workers")
+            for i in range(quota - served):  # also covers samples a webdataset handler skipped
+                yield dict(repeats[i % len(repeats)])
+        return select
+
+    def _ids_by_name(self) -> dict[tuple[str, str], int]:
+        if self._names is None:
+            self._names = self.index.ids_of()
+        return self._names
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields ``(epoch, sample id)`` for this rank's share of the current epoch (see
+    ``TEDWebDataset.rank_ids``), from the resume point after ``load_state_dict``."""
+
+    def __init__(self, dataset: TEDWebDataset):
+        self.dataset = dataset
+
+    def _start(self, epoch: int) -> int:
+        resume = self.dataset._resume
+        return resume[1] if resume is not None and resume[0] == epoch else 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.dataset._current_epoch()
+        ids = self.dataset.rank_ids(epoch)[self._start(epoch):]
+        self.dataset._resume = None  # consumed: the next pass over the loader is a new epoch's
+        return iter([(epoch, int(i)) for i in ids])
+
+    def __len__(self) -> int:
+        epoch = self.dataset._current_epoch()
+        return len(self.dataset.rank_ids(epoch)) - self._start(epoch)

@@ -1,0 +1,129 @@
+"""The format-free half of a pruning loader: the score table and the collective steps around it.
+
+``Pruner`` records scores, merges them across ranks, freezes an epoch's keep-mask (rank 0 runs the
+policy, every rank receives the same bits) and persists the table. A loader adds only what its
+format needs: which sample ids exist, and how to read and order them. Used by the WebDataset
+loader; ``TEDStreamingDataset`` keeps its own copy of these steps (it predates this module).
+"""
+from __future__ import annotations
+
+import os
+import struct
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from . import dist
+from .config import TEDConfig
+from .policy import select
+from .table import EpochMask, ScoreTable
+
+_TAIL = struct.Struct("<dq")  # boost weight, requested count (-1: not recorded)
+
+
+def as_config(ted: Any) -> TEDConfig:
+    if ted is None:
+        return TEDConfig()
+    if isinstance(ted, TEDConfig):
+        return ted
+    if isinstance(ted, Mapping):
+        return TEDConfig.from_dict(ted)
+    raise TypeError(f"ted={ted!r} is invalid: expected a TEDConfig, a mapping or None")
+
+
+def local_leader() -> bool:
+    """Whether this process writes the node's copy of the table (local rank 0, or no torchrun)."""
+    if not dist.active():
+        return True
+    return int(os.environ.get("LOCAL_RANK", dist.rank())) == 0
+
+
+class Pruner:
+    """Scores, masks and persistence of one dataset's ``ScoreTable`` at ``table_path``.
+
+    An existing table must carry ``fingerprint`` (TableError otherwise) and be bound to the same
+    run configuration (see ``ScoreTable.bind``).
+    """
+
+    def __init__(self, table_path: str, fingerprint: dict[str, Any], ted: TEDConfig):
+        self.ted = ted
+        self.table_path = table_path
+        if os.path.exists(table_path):
+            self.table = ScoreTable.load(table_path, fingerprint)
+        else:
+            self.table = ScoreTable(fingerprint["num_samples"], fingerprint, ted.ema, path=table_path)
+        self.table.ema = ted.ema
+        self.table.bind(ted.run_identity())
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+
+    @property
+    def num_samples(self) -> int:
+        return self.table.num_samples
+
+    def record(self, ids: Any, scores: Any) -> None:
+        """Fold per-sample scores in (buffered until ``sync`` under torch.distributed)."""
+        ids, scores = self.table.checked(_to_numpy(ids), _to_numpy(scores))
+        if dist.active():
+            self._pending.append((ids, scores))
+        else:
+            self.table.record(ids, scores)
+
+    def sync(self) -> None:
+        """Merge every rank's buffered scores into every rank's table (collective)."""
+        if not dist.active():
+            return
+        ids = np.concatenate([p[0] for p in self._pending]) if self._pending else np.empty(0, np.int64)
+        vals = np.concatenate([p[1] for p in self._pending]) if self._pending else np.empty(0, np.float32)
+        self._pending = []
+        for rank_ids, rank_vals in dist.all_gather_records(ids, vals):
+            self.table.record(rank_ids, rank_vals)
+
+    def freeze(self, epoch: int, granule: int, groups: Optional[np.ndarray] = None) -> EpochMask:
+        """The keep-mask of ``epoch``, bit-identical on every rank (collective); persisted.
+
+        A mask already in the table (a resumed run) is kept, never recomputed.
+        """
+        self.sync()
+        self.table.epoch = epoch
+        mask = self.table.masks.get(epoch)
+        if mask is None and dist.rank() == 0:
+            mask = select(self.ted, self.table, epoch, granule, groups)
+        if dist.active():
+            mask = self._broadcast(epoch, mask)
+        self.table.masks[epoch] = mask
+        self.save()
+        return mask
+
+    def save(self) -> None:
+        """Merge scores (collective) and write the table atomically from each node's leader."""
+        self.sync()
+        if local_leader():
+            self.table.save(self.table_path)
+
+    def mask(self, epoch: int) -> Optional[EpochMask]:
+        """The frozen mask of ``epoch``: in memory, else from the table file (a persistent
+        DataLoader worker's copy predates later freezes); None if it was never frozen."""
+        mask = self.table.masks.get(epoch)
+        if mask is None and os.path.exists(self.table_path):
+            mask = ScoreTable.load(self.table_path, self.table.fingerprint).masks.get(epoch)
+            if mask is not None:
+                self.table.masks[epoch] = mask
+        return mask
+
+    def _broadcast(self, epoch: int, mask: Optional[EpochMask]) -> EpochMask:
+        n = self.num_samples
+        payload = None
+        if dist.rank() == 0:
+            boost = mask.boost if mask.boost is not None else np.empty(0, np.uint8)
+            tail = _TAIL.pack(mask.boost_weight, -1 if mask.requested is None else mask.requested)
+            payload = np.concatenate([mask.keep, boost, np.frombuffer(tail, np.uint8)])
+        data = dist.broadcast_bytes(payload)
+        nbits = (n + 7) // 8
+        weight, requested = _TAIL.unpack(data[-_TAIL.size:].tobytes())
+        boost = data[nbits:-_TAIL.size]
+        return EpochMask(epoch, data[:nbits].copy(), boost.copy() if len(boost) else None, weight, n,
+                         None if requested < 0 else requested)
+
+
+def _to_numpy(x: Any) -> Any:
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else x

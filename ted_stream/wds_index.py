@@ -1,0 +1,371 @@
+"""Index WebDataset tar shards in place: a JSON manifest of every sample's byte range.
+
+``index_shards`` reads each shard once (a SHA-256 pass over its bytes plus a walk over its tar
+headers) and writes ``wds-index.json`` beside the shards; the shards are never rewritten. The
+manifest gives the dense sample-id space (shards in the given order, samples in tar order), the
+dataset fingerprint the score table is bound to, and the offsets from which a sample is read
+without touching its neighbours (``WdsIndex.read``).
+
+Samples are grouped as webdataset groups them: a member ``dir/name.ext1.ext2`` belongs to key
+``dir/name`` with field ``ext1.ext2`` (lower case), and consecutive members with one key form a
+sample; ``__*__`` metadata members and directories are skipped. Nothing is extracted, and members
+that could point outside the shard's folder (absolute paths, ``..`` components, links) are refused
+at indexing time, so no later tool following the manifest can be led out of it.
+
+This module imports neither torch nor webdataset: ``ted-stream index`` stays light.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence, Union
+
+from .table import current_umask
+
+MANIFEST = "wds-index.json"
+FORMAT = "ted_stream/wds-index"
+VERSION = 1
+_BLOCK = tarfile.BLOCKSIZE  # 512: a member's own header block sits right before its data
+_HASH_CHUNK = 1 << 22
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, never part of a sample
+_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # key = path up to the basename's first dot
+
+Shards = Union[str, Sequence[str]]
+
+
+class ManifestError(RuntimeError):
+    """The shards on disk no longer match their manifest (added, removed or changed), or the
+    manifest itself is unreadable."""
+
+
+class CorruptSample(RuntimeError):
+    """A sample's bytes on disk do not match the manifest (damaged tar header, short read)."""
+
+    def __init__(self, shard: str, key: str, sample_id: int, problem: str):
+        super().__init__(f"shard {shard}, key {key!r} (sample id {sample_id}): {problem}")
+        self.shard, self.key, self.sample_id = shard, key, sample_id
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand ``{000000..000009}`` (zero-padded ranges) and ``{a,b}`` alternatives, left to right."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end():]
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.groups()
+        if int(hi) < int(lo):
+            raise ValueError(f"brace range {{{body}}} in {pattern!r} is empty: expected low..high")
+        width = len(lo) if lo.startswith("0") else 0
+        choices = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        choices = body.split(",")
+    return [head + c + rest for c in choices for rest in expand_braces(tail)]
+
+
+def resolve_shards(shards: Shards) -> tuple[str, list[str]]:
+    """(folder, shard basenames) of a brace pattern, a list of paths, or a folder of ``*.tar``.
+
+    All shards must lie in one folder: the manifest and the score table live beside them.
+    """
+    if isinstance(shards, (str, os.PathLike)):
+        shards = os.fspath(shards)
+        if os.path.isdir(shards):
+            names = sorted(n for n in os.listdir(shards) if n.endswith(".tar"))
+            if not names:
+                raise FileNotFoundError(f"{shards} holds no .tar shards")
+            return os.path.abspath(shards), names
+        paths = expand_braces(shards)
+    else:
+        paths = [os.fspath(p) for p in shards]
+    if not paths:
+        raise ValueError("no shards given: expected a brace pattern, a list of .tar paths or a folder")
+    folders = {os.path.dirname(os.path.abspath(p)) for p in paths}
+    if len(folders) != 1:
+        raise ValueError(f"shards lie in {len(folders)} folders ({sorted(folders)[:3]}...): expected one "
+                         "folder, where the manifest and the score table live")
+    names = [os.path.basename(p) for p in paths]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a shard is listed twice in {shards!r}")
+    return folders.pop(), names
+
+
+def _safe_member(shard: str, info: tarfile.TarInfo) -> None:
+    name = info.name
+    if name.startswith("/") or ".." in name.split("/") or os.path.isabs(name):
+        raise ValueError(f"shard {shard}: member {name!r} points outside the shard's folder; expected "
+                         "relative paths without '..' (refusing to index it)")
+    if info.issym() or info.islnk():
+        raise ValueError(f"shard {shard}: member {name!r} is a link to {info.linkname!r}; expected "
+                         "regular files (links are never followed)")
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def index_shard(path: str) -> dict[str, Any]:
+    """One shard's manifest entry: size, mtime, SHA-256, and per sample its key, byte span and
+    members ``[field, data offset, data size]`` (offsets absolute in the shard)."""
+    shard = os.path.basename(path)
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic[:2] == b"\x1f\x8b" or magic[:4] == b"\x28\xb5\x2f\xfd" or magic[:3] == b"BZh" or magic[:6] == b"\xfd7zXZ\x00":
+        raise ValueError(f"shard {shard} is compressed: expected an uncompressed tar (sample offsets "
+                         "need random access; compress the members instead, e.g. .json.gz)")
+    st = os.stat(path)
+    keys: list[str] = []
+    spans: list[list[int]] = []
+    members: list[list[list[Any]]] = []
+    try:
+        with tarfile.open(path, mode="r:") as tar:  # seeks over data: only headers are read here
+            for info in tar:
+                _safe_member(shard, info)
+                if not info.isreg() or _META.match(info.name):
+                    continue
+                m = _KEY.match(info.name)
+                if m is None:
+                    continue  # no extension: webdataset drops such members too
+                key, field = m.group(1), m.group(2).lower()
+                if not keys or keys[-1] != key:
+                    keys.append(key)
+                    spans.append([info.offset, info.offset_data + info.size])
+                    members.append([])
+                elif any(f == field for f, _, _ in members[-1]):
+                    raise ValueError(f"shard {shard}: key {key!r} has two {field!r} members")
+                spans[-1][1] = info.offset_data + info.size
+                members[-1].append([field, info.offset_data, info.size])
+    except tarfile.TarError as e:
+        raise ValueError(f"shard {shard} is not a readable tar file: {e}") from None
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"shard {shard}: key {dup!r} appears in two places; expected each sample's "
+                         "members to be consecutive")
+    return {"name": shard, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _file_digest(path),
+            "keys": keys, "spans": spans, "members": members}
+
+
+def index_shards(shards: Shards) -> str:
+    """Index ``shards`` (see ``resolve_shards``) and write the manifest beside them; returns its path."""
+    folder, names = resolve_shards(shards)
+    entries = [index_shard(os.path.join(folder, n)) for n in names]
+    manifest = {"format": FORMAT, "version": VERSION, "num_samples": sum(len(e["keys"]) for e in entries),
+                "shards": entries}
+    if manifest["num_samples"] == 0:
+        raise ValueError(f"the shards in {folder} hold no samples")
+    path = os.path.join(folder, MANIFEST)
+    fd, tmp = tempfile.mkstemp(prefix=".wds-index-", suffix=".tmp", dir=folder)
+    try:  # atomic: a reader sees the old manifest or the new one, never half of one
+        os.fchmod(fd, 0o666 & ~current_umask())
+        with os.fdopen(fd, "w") as f:
+            json.dump(manifest, f, separators=(",", ":"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    sample_id: int
+    shard: str
+    key: str
+
+
+class WdsIndex:
+    """The checked manifest of a set of tar shards, with random access by sample id."""
+
+    def __init__(self, folder: str, manifest: dict[str, Any]):
+        self.folder = folder
+        self.shards: list[dict[str, Any]] = manifest["shards"]
+        counts = [len(s["keys"]) for s in self.shards]
+        self.starts = [0]
+        for c in counts:
+            self.starts.append(self.starts[-1] + c)
+        self.num_samples = self.starts[-1]
+        canon = json.dumps([{"shards": [[s["name"], len(s["keys"]), s["sha256"]] for s in self.shards]}],
+                           sort_keys=True, separators=(",", ":")).encode()
+        # Same shape as fingerprint.index_fingerprint, plus each shard's content digest: a shard
+        # rewritten with the same sample count is another dataset.
+        self.fingerprint = {"digest": hashlib.sha256(canon).hexdigest(), "num_streams": 1,
+                            "num_shards": len(self.shards), "num_samples": self.num_samples}
+
+    @classmethod
+    def open(cls, shards: Shards, rehash: bool = False) -> "WdsIndex":
+        """Load the manifest beside ``shards`` and check the shards against it.
+
+        A shard in ``shards`` but not in the manifest (added), in the manifest but missing or not
+        in ``shards`` (removed), or whose size, or mtime and then content, differ (changed) raises
+        ManifestError naming it. ``rehash`` checks every shard's SHA-256, not only changed mtimes.
+        """
+        folder, names = resolve_shards(shards)
+        path = os.path.join(folder, MANIFEST)
+        try:
+            with open(path) as f:
+                manifest = json.load(f)
+        except FileNotFoundError:
+            raise ManifestError(f"no {MANIFEST} in {folder}: index the shards first "
+                                f"(ted-stream index '{os.path.join(folder, names[0])}' ...)") from None
+        except ValueError as e:
+            raise ManifestError(f"{path} is not valid JSON ({e}); re-run ted-stream index") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+            raise ManifestError(f"{path} is not a version-{VERSION} {FORMAT} manifest; re-run ted-stream index")
+        indexed = [s["name"] for s in manifest["shards"]]
+        added = [n for n in names if n not in indexed]
+        removed = [n for n in indexed if n not in names or not os.path.exists(os.path.join(folder, n))]
+        redo = f"re-run ted-stream index (a new index starts a new score table)"
+        if added:
+            raise ManifestError(f"shard(s) {added} in {folder} were added after indexing ({path}); {redo}")
+        if removed:
+            raise ManifestError(f"shard(s) {removed} of {path} were removed or not given; expected all "
+                                f"{len(indexed)} indexed shards; {redo}")
+        if names != indexed:
+            raise ManifestError(f"the shards are given in another order than indexed in {path}: sample ids "
+                                f"follow the indexed order {indexed[:3]}...; pass the same pattern")
+        for s in manifest["shards"]:
+            st = os.stat(os.path.join(folder, s["name"]))
+            changed = st.st_size != s["size"]
+            if not changed and (rehash or st.st_mtime_ns != s["mtime_ns"]):
+                # A copy (another node's cache) has a new mtime but the same bytes: only the digest decides.
+                changed = _file_digest(os.path.join(folder, s["name"])) != s["sha256"]
+            if changed:
+                raise ManifestError(f"shard {s['name']} in {folder} changed after indexing (size {st.st_size}, "
+                                    f"indexed {s['size']}; or different content); {redo}")
+        return cls(folder, manifest)
+
+    def locate(self, sample_id: int) -> tuple[int, int]:
+        """(shard number, sample number within the shard) of a global sample id."""
+        if not 0 <= sample_id < self.num_samples:
+            raise IndexError(f"sample id {sample_id} is out of range: expected [0, {self.num_samples})")
+        lo, hi = 0, len(self.shards)
+        while hi - lo > 1:  # bisect over shard starts
+            mid = (lo + hi) // 2
+            if self.starts[mid] <= sample_id:
+                lo = mid
+            else:
+                hi = mid
+        return lo, sample_id - self.starts[lo]
+
+    def ref(self, sample_id: int) -> SampleRef:
+        s, j = self.locate(sample_id)
+        return SampleRef(sample_id, self.shards[s]["name"], self.shards[s]["keys"][j])
+
+    def span_bytes(self, sample_id: int) -> int:
+        s, j = self.locate(sample_id)
+        a, b = self.shards[s]["spans"][j]
+        return b - a
+
+    def ids_of(self) -> dict[tuple[str, str], int]:
+        """(shard name, key) -> sample id, for a pipeline that sees samples by name."""
+        return {(s["name"], k): self.starts[i] + j
+                for i, s in enumerate(self.shards) for j, k in enumerate(s["keys"])}
+
+    def read(self, sample_id: int, files: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """The raw sample ``{"__key__", "__shard__", field: bytes}``: one read of its byte span.
+
+        ``files`` caches open file objects by shard name. The member headers inside the span are
+        checked (checksum, size) so a damaged shard raises CorruptSample naming shard and key.
+        """
+        s, j = self.locate(sample_id)
+        shard = self.shards[s]
+        key = shard["keys"][j]
+        start, end = shard["spans"][j]
+        f = files.get(shard["name"]) if files is not None else None
+        if f is None:
+            f = open(os.path.join(self.folder, shard["name"]), "rb")
+            if files is not None:
+                files[shard["name"]] = f
+        try:
+            buf = os.pread(f.fileno(), end - start, start)
+        finally:
+            if files is None:
+                f.close()
+        if len(buf) != end - start:
+            raise CorruptSample(shard["name"], key, sample_id, f"short read: {len(buf)} of {end - start} bytes")
+        sample: dict[str, Any] = {"__key__": key, "__shard__": shard["name"]}
+        for field, offset, size in shard["members"][j]:
+            at = offset - start
+            try:
+                info = tarfile.TarInfo.frombuf(buf[at - _BLOCK: at], "utf-8", "surrogateescape")
+            except tarfile.HeaderError as e:
+                raise CorruptSample(shard["name"], key, sample_id, f"member {field!r}: bad tar header ({e})") from None
+            if info.size != size:
+                raise CorruptSample(shard["name"], key, sample_id,
+                                    f"member {field!r}: header says {info.size} bytes, the manifest {size}")
+            sample[field] = buf[at: at + size]
+        return sample
+
+    def __iter__(self) -> Iterator[SampleRef]:
+        for i, s in enumerate(self.shards):
+            for j, k in enumerate(s["keys"]):
+                yield SampleRef(self.starts[i] + j, s["name"], k)
+
+
+def write_shards(samples: Iterator[dict[str, Any]], out: str, shard_bytes: int = 1 << 28,
+                 pattern: str = "shard-{:06d}.tar") -> int:
+    """Write ``samples`` as uncompressed tar shards in the empty folder ``out`` (each sample is one
+    ``<key>.json`` member; its key is ``__key__`` if given, else its 9-digit number), then index
+    them. Returns the sample count. A key that is not a plain file-name stem is refused."""
+    os.makedirs(out, exist_ok=True)
+    if os.listdir(out):
+        raise FileExistsError(f"{out} is not empty; choose an empty folder")
+    count, shard, tar = 0, 0, None
+    try:
+        for sample in samples:
+            sample = dict(sample)
+            key = str(sample.pop("__key__", f"{count:09d}"))
+            if not re.fullmatch(r"[^./\\\x00]+", key):
+                raise ValueError(f"sample {count}: __key__={key!r} is not a plain name; expected no '/', "
+                                 "'\\', '.' or '..' (a member must stay inside its shard's folder)")
+            data = json.dumps(sample, separators=(",", ":")).encode()
+            if tar is None or tar.fileobj.tell() + len(data) > shard_bytes:
+                if tar is not None:
+                    tar.close()
+                tar = tarfile.open(os.path.join(out, pattern.format(shard)), "w", format=tarfile.USTAR_FORMAT)
+                shard += 1
+            info = tarfile.TarInfo(f"{key}.json")
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            tar.addfile(info, io.BytesIO(data))
+            count += 1
+    finally:
+        if tar is not None:
+            tar.close()
+    if count == 0:
+        raise ValueError("the corpus has no samples")
+    index_shards(out)
+    return count
+
+
+
+def prepare_shards(samples: Iterator[dict[str, Any]], out: str, shard_bytes: int = 1 << 28) -> int:
+    """``write_shards`` plus an empty score table in ``out/ted`` (what ``ted-stream prepare
+    --format wds`` does). Returns the sample count."""
+    from .table import FILENAME, ScoreTable
+
+    count = write_shards(samples, out, shard_bytes)
+    ScoreTable(count, WdsIndex.open(out).fingerprint).save(os.path.join(out, "ted", FILENAME))
+    return count
+
+
+def index_command(args: Sequence[str]) -> str:
+    """``ted-stream index SHARDS...``: each argument a path, a brace pattern or a folder."""
+    shards: Shards = args[0] if len(args) == 1 else [p for a in args for p in expand_braces(a)]
+    path = index_shards(shards)
+    index = WdsIndex.open(shards)
+    return (f"indexed {index.num_samples} samples in {len(index.shards)} shards: {path} "
+            f"(fingerprint {index.fingerprint['digest'][:12]})")
