@@ -48,12 +48,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("corpus", help="a .jsonl file (one JSON object per line) or a text file (one sample per line)")
     p.add_argument("out", help="empty output folder")
     p.add_argument("--shard-size", type=int, default=1 << 26, help="shard size limit in bytes")
+    p.add_argument("--format", choices=("mds", "wds"), default="mds", help="zstd MDS shards, or indexed WebDataset tar shards")
+    x = sub.add_parser("index", help="index WebDataset tar shards in place (writes wds-index.json beside them)")
+    x.add_argument("shards", nargs="+", help="tar paths, brace patterns (data-{000000..000009}.tar) or their folder")
     i = sub.add_parser("inspect", help="summarise a dataset's score table")
     i.add_argument("folder", help="the dataset folder (holding index.json)")
     i.add_argument("--table-dir", default=None, help="table folder if not <folder>/ted")
     i.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
     try:
+        if args.command == "index":
+            from .wds_index import index_command  # imported here: the MDS commands never need it
+            print(index_command(args.shards))
+            return 0
+        if args.command == "prepare" and args.format == "wds":
+            from .wds_index import prepare_shards
+            n = prepare_shards(read_corpus(args.corpus), args.out, args.shard_size)
+            print(f"wrote {n} samples to {args.out} as indexed tar shards (table in {os.path.join(args.out, 'ted')})")
+            return 0
         if args.command == "prepare":
             n = write_mds(read_corpus(args.corpus), args.out, args.shard_size)
             print(f"wrote {n} samples to {args.out} (table in {os.path.join(args.out, 'ted')})")

@@ -39,7 +39,7 @@ _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # key = path up to the basena
 Shards = Union[str, Sequence[str]]
 
 
-class ManifestError(RuntimeError):
+class ManifestError(ValueError):
     """The shards on disk no longer match their manifest (added, removed or changed), or the
     manifest itself is unreadable."""
 
