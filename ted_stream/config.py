@@ -5,9 +5,11 @@ Imports nothing heavy, so a launcher can check a whole config before it loads to
 from __future__ import annotations
 
 import dataclasses
+import json
 import numbers
+import os
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 POLICIES = ("ted", "random", "random-dynamic", "infobatch")
 RAMPS = ("cubic", "linear")
@@ -192,3 +194,39 @@ def read_block(block: Any) -> tuple[TEDConfig, dict[str, Any]]:
     block = dict(block)
     scorer = scorer_settings(block.pop("scorer", None))
     return TEDConfig.from_dict(block), scorer
+
+
+def split_config(config: Union[str, os.PathLike, Mapping[str, Any]], epochs: Optional[int] = None
+                 ) -> tuple[dict[str, Any], TEDConfig, dict[str, Any]]:
+    """(the config without its ``"ted"`` block, TEDConfig, scorer settings) from a DeepSpeed JSON
+    config file or an already loaded dict, validated before anything heavy is imported.
+
+    ``epochs``: the run's epoch count; it fills ``ted.epochs`` and must agree with it when both are
+    set. The returned config is what ``deepspeed.initialize`` or ``TrainingArguments(deepspeed=...)``
+    accepts. Raises ValueError naming the file and the bad key.
+    """
+    where = ""
+    if isinstance(config, (str, os.PathLike)):
+        where = f"{os.fspath(config)}: "
+        try:
+            with open(config) as f:
+                config = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read the config {os.fspath(config)}: {e}") from None
+    if not isinstance(config, Mapping):
+        raise ValueError(f"{where}the config must be a JSON object, got {type(config).__name__}")
+    rest = dict(config)
+    block = rest.pop("ted", None)
+    if block is not None and not isinstance(block, Mapping):
+        raise ValueError(f'{where}"ted" must be a JSON object, got {type(block).__name__}')
+    block = dict(block or {})
+    if epochs is not None:
+        if block.get("epochs") is not None and block["epochs"] != epochs:
+            raise ValueError(f'{where}"ted.epochs" = {block["epochs"]!r} but the run trains {epochs} epochs; '
+                             "drop one of them or make them agree")
+        block["epochs"] = epochs
+    try:
+        ted, scorer = read_block(block)
+    except ValueError as e:
+        raise ValueError(f'{where}invalid "ted" block: {e}') from None
+    return rest, ted, scorer
