@@ -147,6 +147,14 @@ def test_mixture_and_remote_table_homes(data, tmp_path):
     gc.collect()
     again = TEDStreamingDataset(remote=str(remote), local=str(tmp_path / "cache2"), batch_size=BATCH, ted=CFG)
     assert again.table.scored.sum() == 10
+    again.record(np.arange(10, 30), np.arange(20.0))
+    again.save_table()
+    del again
+    gc.collect()
+    # the first cache's copy is stale now: the remote copy replaces it
+    again = TEDStreamingDataset(remote=str(remote), local=str(tmp_path / "cache1"), batch_size=BATCH, ted=CFG)
+    assert again.table.scored.sum() == 30
+    again.save_table()  # the local copy is the installed one: no "rewritten by another process"
     sftp = SimpleNamespace(remote="sftp://host/data", local=str(tmp_path / "x"), split=None)  # no uploader
     with pytest.raises(ValueError, match=r"remote='sftp://host/data': streaming cannot upload to sftp://, "
                                          r"so .* pass table_dir="):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from math import ceil
 from typing import Any, Mapping, Optional, Union
@@ -30,6 +31,7 @@ from ..schedule import pruned_fraction
 from ..table import FILENAME, EpochMask, ScoreTable
 
 logger = logging.getLogger(__name__)
+_TAIL = struct.Struct("<dq")  # a broadcast mask's boost weight and requested count (-1: none)
 
 
 def _local_world_size_from_deepspeed() -> None:
@@ -99,10 +101,10 @@ class TEDStreamingDataset(StreamingDataset):
         if table_dir is None:
             table_dir, self._table_remote = table_home(self.streams, fingerprint["digest"])
         self.table_path = os.path.join(table_dir, FILENAME)
-        self.table = self._pull_table(fingerprint, kwargs.get("download_timeout", 60.0))
-        if self.table is None and os.path.exists(self.table_path):
+        self._pull_table(fingerprint, kwargs.get("download_timeout", 60.0))
+        if os.path.exists(self.table_path):
             self.table = ScoreTable.load(self.table_path, fingerprint)
-        if self.table is None:
+        else:
             self.table = ScoreTable(self.num_samples, fingerprint, ted.ema, path=self.table_path)
         self.table.ema = ted.ema
         self.table.bind(ted.run_identity())  # refuses masks frozen under another configuration
@@ -203,27 +205,29 @@ class TEDStreamingDataset(StreamingDataset):
         if part.boost is not None:
             boost = np.zeros(self.num_samples, bool)
             boost[kept] = _bools(part.boost, len(kept))
-        return EpochMask.from_bools(epoch, keep, boost, part.boost_weight)
+        return EpochMask.from_bools(epoch, keep, boost, part.boost_weight, part.requested)
 
     # ---- where the table lives -----------------------------------------------------------------
-    def _pull_table(self, fingerprint: dict[str, Any], timeout: float) -> Optional[ScoreTable]:
-        """The durable remote copy of the table, if there is one (it wins over the local cache)."""
+    def _pull_table(self, fingerprint: dict[str, Any], timeout: float) -> None:
+        """Install the durable remote copy of the table, if there is one, as the local copy: the
+        remote wins over a cache that may be stale or gone."""
         if self._table_remote is None:
-            return None
+            return
         folder = os.path.dirname(self.table_path)
         os.makedirs(folder, exist_ok=True)
-        # A private download per rank: other ranks of the node may be reading the local copy.
+        # A private download per rank, then an atomic rename: every rank of the node installs the
+        # same bytes, and no rank ever reads a half-written file.
         tmp = os.path.join(folder, f".remote-{os.getpid()}-{self._unique_rank_world.rank}.tedt")
         try:
             CloudDownloader.direct_download(os.path.join(self._table_remote, FILENAME), tmp, timeout)
         except FileNotFoundError:
-            return None  # a new table: the first save_table uploads it
+            return  # a new table: the first save_table uploads it
         try:
-            table = ScoreTable.load(tmp, fingerprint)
+            ScoreTable.load(tmp, fingerprint)  # refuse a damaged or foreign table before installing it
+            os.replace(tmp, self.table_path)
         finally:
-            os.unlink(tmp)  # the mapping stays valid
-        table.path = self.table_path
-        return table
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     def _push_table(self) -> None:
         if self._table_remote is None or self._unique_rank_world.rank != 0:
@@ -332,8 +336,11 @@ class TEDStreamingDataset(StreamingDataset):
         if epoch < 0 or epoch in self.table.masks or pruned_fraction(self.ted, epoch) == 0:
             return
         mask = self._mask_for(epoch)
-        self.table.masks[epoch] = mask if mask is not None else EpochMask.from_bools(
-            epoch, np.ones(self.num_samples, bool))
+        if mask is None:  # nothing was scored when the epoch began: it pruned none of what it asked
+            count = self.num_samples if self._filter is None else self._filter.kept
+            mask = EpochMask.from_bools(epoch, np.ones(self.num_samples, bool),
+                                        requested=round(pruned_fraction(self.ted, epoch) * count))
+        self.table.masks[epoch] = mask
 
     def kept_ids(self, epoch: int) -> NDArray[np.int64]:
         """Global ids of the samples kept in ``epoch`` (static filter included)."""
@@ -393,15 +400,16 @@ class TEDStreamingDataset(StreamingDataset):
         n = self.table.num_samples
         if dist.rank() == 0:
             boost = mask.boost if mask.boost is not None else np.empty(0, np.uint8)
-            weight = np.frombuffer(np.float64(mask.boost_weight).tobytes(), np.uint8)
-            payload = np.concatenate([mask.keep, boost, weight])
+            tail = _TAIL.pack(mask.boost_weight, -1 if mask.requested is None else mask.requested)
+            payload = np.concatenate([mask.keep, boost, np.frombuffer(tail, np.uint8)])
         else:
             payload = None
         data = dist.broadcast_bytes(payload)
         nbits = (n + 7) // 8
-        boost = data[nbits:-8] if len(data) - 8 > nbits else None
-        return EpochMask(epoch, data[:nbits].copy(), None if boost is None else boost.copy(),
-                         float(np.frombuffer(data[-8:].tobytes(), np.float64)[0]), n)
+        boost = data[nbits:-_TAIL.size] if len(data) - _TAIL.size > nbits else None
+        weight, requested = _TAIL.unpack(data[-_TAIL.size:].tobytes())
+        return EpochMask(epoch, data[:nbits].copy(), None if boost is None else boost.copy(), weight, n,
+                         None if requested < 0 else requested)
 
 
 def _bools(packed: Any, count: Optional[int] = None) -> NDArray[np.bool_]:
@@ -414,7 +422,7 @@ def _bools(packed: Any, count: Optional[int] = None) -> NDArray[np.bool_]:
 def _sub_mask(mask: EpochMask, ids: NDArray[np.int64]) -> EpochMask:
     """``mask`` restricted to ``ids``, renumbered 0..len(ids)-1."""
     boost = None if mask.boost is None else _bools(mask.boost, mask.num_samples)[ids]
-    return EpochMask.from_bools(mask.epoch, _bools(mask)[ids], boost, mask.boost_weight)
+    return EpochMask.from_bools(mask.epoch, _bools(mask)[ids], boost, mask.boost_weight, mask.requested)
 
 
 def _to_numpy(x: Any) -> Any:
