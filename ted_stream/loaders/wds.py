@@ -64,6 +64,7 @@ class TEDWebDataset(torch.utils.data.Dataset):
                  table_dir: Optional[str] = None, decode: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None,
                  batch_size: int = 1, shuffle: bool = True, seed: int = 0, rank: Optional[int] = None,
                  world_size: Optional[int] = None, groups: Optional[Sequence[int]] = None, rehash: bool = False):
+        self._files: dict[str, Any] = {}  # open shard files of this process (first: __del__ closes them)
         self.index = WdsIndex.open(shards, rehash=rehash)
         self.ted = as_config(ted)
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -87,8 +88,16 @@ class TEDWebDataset(torch.utils.data.Dataset):
         self._epoch: Optional[int] = None  # the epoch last frozen (or resumed)
         self._resume: Optional[tuple[int, int]] = None  # (epoch, samples this rank already consumed)
         self._order: dict[int, np.ndarray] = {}  # epoch -> this rank's ids, in order
-        self._files: dict[str, Any] = {}  # open shard files of this process
         self._names: Optional[dict[tuple[str, str], int]] = None  # (shard, key) -> id, built on first use
+
+    def close(self) -> None:
+        """Close the shard files this process opened (they reopen on the next read)."""
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __del__(self) -> None:
+        self.close()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
