@@ -1,0 +1,183 @@
+"""Throughput of TEDWebDataset's two paths against plain webdataset on the same tar shards.
+
+Writes synthetic shards (random ASCII text + a class label per sample), indexes them, then times
+whole epochs, in one process (num_workers=0, so the numbers compare per-core cost), repeats
+interleaved round-robin so that a busy neighbour slows every variant alike:
+
+* pruning off: samples/s of plain webdataset (tarfile_to_samples -> decode -> batched), the
+  streaming path (the same plus TED's shard dealing and selection stage) and the exact path
+  (DataLoader over the map-style dataset and its sampler);
+* pruning on: epoch time of both TED paths at 30/50/70% pruned relative to their own time with
+  nothing pruned, and the bytes each epoch read from the shards (``rchar`` of /proc/self/io: bytes
+  returned by read calls, page cache included) as a fraction of the pruned samples' bytes.
+
+Prints one JSON object per line and a final summary object; ``--out`` also writes it there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import numpy as np
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+from ted_stream import TEDConfig
+from ted_stream.loaders.wds import TEDWebDataset
+from ted_stream.wds_index import index_shards
+
+
+def write_shards(folder: str, shards: int, per_shard: int, text_bytes: int, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    for s in range(shards):
+        with wds.TarWriter(os.path.join(folder, f"bench-{s:06d}.tar")) as w:
+            for j in range(per_shard):
+                size = int(rng.integers(text_bytes // 2, text_bytes * 3 // 2))
+                text = rng.integers(97, 123, size, dtype=np.uint8).tobytes()
+                w.write({"__key__": f"{s:06d}-{j:06d}", "txt": text, "cls": str(j % 10).encode()})
+    return os.path.join(folder, "bench-{000000..%06d}.tar" % (shards - 1))
+
+
+def decode(sample: dict[str, Any]) -> dict[str, Any]:
+    """The same decoding on every path: text to str, class to int."""
+    out = {k: v for k, v in sample.items() if not isinstance(v, bytes)}
+    out["txt"], out["cls"] = sample["txt"].decode(), int(sample["cls"])
+    return out
+
+
+def rchar() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+def timed(epoch: Callable[[], int]) -> tuple[float, int, int]:
+    """(seconds, samples, bytes read) of one epoch."""
+    before, t0 = rchar(), time.perf_counter()
+    samples = epoch()
+    return time.perf_counter() - t0, samples, rchar() - before
+
+
+def plain_epoch(pattern: str, batch: int) -> Callable[[], int]:
+    def run() -> int:
+        pipe = wds.DataPipeline(wds.SimpleShardList(pattern), wds.tarfile_to_samples(), wds.map(decode),
+                                wds.batched(batch, collation_fn=list))
+        return sum(len(b) for b in pipe)
+    return run
+
+
+def streaming_epoch(ds: TEDWebDataset, batch: int) -> Callable[[], int]:
+    def run() -> int:
+        pipe = wds.DataPipeline(ds.wds_shards(), wds.tarfile_to_samples(), ds.wds_select(), wds.map(decode),
+                                wds.batched(batch, collation_fn=list))
+        return sum(len(b) for b in pipe)
+    return run
+
+
+def exact_epoch(ds: TEDWebDataset, batch: int) -> Callable[[], int]:
+    def run() -> int:
+        return sum(len(b) for b in DataLoader(ds, batch_size=batch, sampler=ds.sampler, collate_fn=list))
+    return run
+
+
+def git_commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "ted_stream", "launch/bench_wds.py"],
+                           capture_output=True, text=True).stdout.strip()
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shards", type=int, default=8)
+    ap.add_argument("--per-shard", type=int, default=2500)
+    ap.add_argument("--text-bytes", type=int, default=2048, help="mean text size per sample")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--pruned", type=float, nargs="+", default=[0.3, 0.5, 0.7])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="also write the summary JSON here")
+    args = ap.parse_args()
+
+    folder = tempfile.mkdtemp(prefix="bench_wds-")
+    try:
+        summary = run(args, folder)
+    finally:
+        shutil.rmtree(folder)
+    print(json.dumps(summary, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(summary, f, indent=1)
+
+
+def run(args: argparse.Namespace, folder: str) -> dict[str, Any]:
+    pattern = write_shards(folder, args.shards, args.per_shard, args.text_bytes, args.seed)
+    index_shards(pattern)
+    n = args.shards * args.per_shard
+    datasets: dict[float, TEDWebDataset] = {}
+    for fraction in [0.0] + args.pruned:
+        # explore=0: the pruned fraction is exactly the target (rounded to ranks x batch)
+        cfg = TEDConfig(target=fraction if fraction else 0.0, warmup_epochs=1, ramp_epochs=0, explore=0.0,
+                        seed=args.seed)
+        ds = TEDWebDataset(pattern, ted=cfg, batch_size=args.batch, decode=decode, seed=args.seed,
+                           table_dir=os.path.join(folder, f"ted-{fraction}"))
+        ds.start_epoch(0)
+        ds.record(np.arange(n), np.random.default_rng(args.seed).random(n))
+        ds.start_epoch(1)  # epoch 1 prunes `fraction` of the samples
+        datasets[fraction] = ds
+    variants: dict[str, Callable[[], int]] = {"plain webdataset": plain_epoch(pattern, args.batch)}
+    for fraction, ds in datasets.items():
+        variants[f"streaming {fraction:.0%}"] = streaming_epoch(ds, args.batch)
+        variants[f"exact {fraction:.0%}"] = exact_epoch(ds, args.batch)
+    shard_bytes = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".tar"))
+    runs: dict[str, list[tuple[float, int, int]]] = {k: [] for k in variants}
+    variants["plain webdataset"]()  # warm the page cache: every variant then reads from memory
+    for r in range(args.repeats):
+        for name, epoch in variants.items():
+            runs[name].append(timed(epoch))
+            print(json.dumps({"repeat": r, "variant": name, "seconds": round(runs[name][-1][0], 4),
+                              "samples": runs[name][-1][1], "bytes_read": runs[name][-1][2]}), flush=True)
+
+    def median(name: str) -> float:
+        return float(np.median([t for t, _, _ in runs[name]]))
+
+    results: dict[str, Any] = {}
+    for name in variants:
+        samples, read = runs[name][0][1], runs[name][0][2]
+        results[name] = {"median_s": round(median(name), 4), "samples": samples,
+                         "samples_per_s": round(samples / median(name), 1), "bytes_read": read}
+    for fraction, ds in datasets.items():
+        kept = ds.kept_ids(1)
+        kept_bytes = sum(ds.index.span_bytes(int(i)) for i in kept)
+        pruned_bytes = sum(ds.index.span_bytes(i) for i in range(n)) - kept_bytes
+        for path in ("streaming", "exact"):
+            entry = results[f"{path} {fraction:.0%}"]
+            entry["kept_fraction"] = round(len(kept) / n, 4)
+            entry["time_vs_unpruned"] = round(median(f"{path} {fraction:.0%}") / median(f"{path} 0%"), 3)
+            entry["bytes_read_vs_shards"] = round(entry["bytes_read"] / shard_bytes, 3)
+            if pruned_bytes:  # tar padding and end blocks are read too: capped at all of the pruned bytes
+                entry["pruned_bytes_read_fraction"] = round(
+                    min(1.0, max(0, entry["bytes_read"] - kept_bytes) / pruned_bytes), 3)
+    plain = results["plain webdataset"]["samples_per_s"]
+    for path in ("streaming", "exact"):
+        results[f"{path} 0%"]["vs_plain"] = round(results[f"{path} 0%"]["samples_per_s"] / plain, 3)
+    return {
+        "command": "python launch/bench_wds.py " + " ".join(
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(args).items() if v is not None and k != "out"),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, webdataset "
+                   f"{getattr(wds, '__version__', '?')}",
+        "samples": n, "shard_bytes": shard_bytes, "results": results,
+    }
+
+
+if __name__ == "__main__":
+    main()
