@@ -126,6 +126,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--log-ids", action="store_true", help="write each rank's sample ids per step to <out>/ids/")
     p.add_argument("--kill-after-step", type=int, default=0,
                    help="testing: SIGKILL every rank right after optimizer step N (and its checkpoint)")
+    p.add_argument("--kill-at", default=None, metavar="PHASE:N",
+                   help="testing (launch/soak.py): SIGKILL at a named point: step:N (after optimizer step N "
+                        "and its checkpoint), save:N (inside step N's checkpoint: table saved, DeepSpeed's "
+                        "files not yet), epoch:E (before epoch E's score merge and mask freeze), frozen:E "
+                        "(right after it)")
+    p.add_argument("--kill-rank", type=int, default=None, help="testing: only this rank dies at --kill-at")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return p.parse_args(argv)
 
@@ -212,7 +218,10 @@ def filter_jsonl(path: str, keep) -> None:
     if not os.path.exists(path):
         return
     with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()  # torn by a kill mid-write: that row is redone anyway
+    rows = [json.loads(line) for line in lines]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         for row in rows:
@@ -548,12 +557,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             f"ZeRO stage {ds_config.get('zero_optimization', {}).get('stage', 0)}; TED {ted.to_dict()}; "
             f"scorer {scorer_cfg}" + (f"; held-out loss before training {initial_eval:.4f}" if initial_eval is not None else ""))
 
+    def kill_point(phase: str, n: int) -> None:
+        if args.kill_at == f"{phase}:{n}" and args.kill_rank in (None, ctx.rank):
+            os.kill(os.getpid(), signal.SIGKILL)
+
     def checkpoint() -> None:
         tag = f"step{state['step']}"
         ds.save_table()  # merges every rank's scores so far (collective), then persists
         if ctx.is_leader:
             copy_atomic(table_path, os.path.join(ckpt_dir, tag, TABLE_IN_CHECKPOINT))
         ctx.barrier()
+        kill_point("save", state["step"])
         engine.save_checkpoint(ckpt_dir, tag=tag, client_state={
             "loader": loader.state_dict(), "train": dict(state), "scorer_reference": scorer.reference,
             "ted": ted.to_dict()})
@@ -569,7 +583,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     loss_scale = lambda: float(getattr(engine.optimizer, "cur_scale", 1.0)) if engine.fp16_enabled() else 1.0
     t_run = time.time()
     for epoch in range(state["epoch"], args.epochs):
+        kill_point("epoch", epoch)
         mask = ds.start_epoch(epoch)  # collective: merge scores, freeze and broadcast the mask
+        kill_point("frozen", epoch)
         fresh_epoch = not (state["epoch"] == epoch and (state["epoch_micro"] > 0 or state["epoch_trained"] > 0))
         if fresh_epoch:
             state.update(epoch=epoch, epoch_trained=0, epoch_micro=0)
@@ -621,6 +637,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         ids_log.flush()
                     ctx.barrier()
                     os.kill(os.getpid(), signal.SIGKILL)
+                kill_point("step", state["step"])
             bar.update(1)
         bar.close()
         micro_steps = ctx.gather(state["epoch_micro"])
