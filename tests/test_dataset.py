@@ -12,6 +12,7 @@ from streaming.base.world import World
 
 from conftest import make_corpus
 from ted_stream import TEDConfig, TEDStreamingDataset, TableError
+from ted_stream.policy import PruningWarning
 from ted_stream.table import ScoreTable
 
 BATCH = 8
@@ -87,20 +88,44 @@ def test_loop_without_start_epoch_and_without_scores_yields_every_epoch_whole(co
     assert ds.table.masks == {}
 
 
-def test_loop_without_start_epoch_freezes_from_the_table_file(corpus):
+@pytest.mark.parametrize("workers,persistent", [(0, False), (2, False), (2, True)])
+def test_loop_without_start_epoch_freezes_from_the_table_file(corpus, workers, persistent):
     """Scores persisted by save_table: an epoch iterated without start_epoch is frozen from the
-    file by every worker alike, the main process agrees, and save_table persists that mask."""
+    file by every worker alike, the main process agrees, save_table persists that mask, and a
+    checkpoint taken mid-epoch resumes exactly."""
     ds = dataset(corpus)
-    loader = StreamingDataLoader(ds, batch_size=BATCH, num_workers=2)
+    loader = StreamingDataLoader(ds, batch_size=BATCH, num_workers=workers, persistent_workers=persistent)
     ids = np.array([i for b in loader for i in b["ted_id"].tolist()])  # epoch 0: warm-up
     ds.record(ids, np.sin(ids * 1.7))
     ds.save_table()
-    seen = [i for b in loader for i in b["ted_id"].tolist()]  # epoch 1, no start_epoch call
+    seen, state = [], None
+    for i, b in enumerate(loader):  # epoch 1, no start_epoch call
+        seen += b["ted_id"].tolist()
+        if i == 4:
+            state = loader.state_dict()
+            ds.save_table()  # a checkpoint: persists epoch 1's implicit mask before the new scores
+            ds.record(b["ted_id"], np.zeros(BATCH))  # changes the scores, not the frozen epoch
+            ds.save_table()
     assert len(seen) == len(set(seen)) < 600
-    assert sorted(seen) == ds.kept_ids(1).tolist()  # each kept id once, across both workers
-    crc = loader.state_dict()["ted"]["mask_crc"]
-    ds.save_table()
-    assert ScoreTable.load(ds.table_path).masks[1].crc == crc
+    assert sorted(seen) == ds.kept_ids(1).tolist()  # each kept id once, across the workers
+    assert state["ted"]["mask_crc"] == ScoreTable.load(ds.table_path).masks[1].crc
+    del loader
+    close(ds)
+    resumed = dataset(corpus)
+    loader = StreamingDataLoader(resumed, batch_size=BATCH, num_workers=workers)
+    loader.load_state_dict(state)
+    assert seen[:5 * BATCH] + [i for b in loader for i in b["ted_id"].tolist()] == seen
+
+
+def test_epoch_without_scores_is_recorded_as_pruning_nothing(corpus):
+    ds = dataset(corpus)
+    for _ in range(2):
+        list(ds)
+    with pytest.warns(PruningWarning, match=r"epoch 1 was iterated without start_epoch\(1\) while the table "
+                                            r"file held no scores, so it pruned none of the 300 samples"):
+        ds.save_table()
+    mask = ScoreTable.load(ds.table_path).masks[1]
+    assert mask.kept == 600 and mask.requested == 300
 
 
 def test_start_epoch_must_be_the_epoch_streaming_iterates_next(corpus):

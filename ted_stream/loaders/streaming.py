@@ -12,6 +12,7 @@ import os
 import shutil
 import struct
 import tempfile
+import warnings
 from math import ceil
 from typing import Any, Mapping, Optional, Union
 from urllib.parse import urlparse
@@ -26,7 +27,7 @@ from .. import dist
 from .. import filter as sample_filters
 from ..config import TEDConfig
 from ..fingerprint import index_fingerprint
-from ..policy import select
+from ..policy import PruningWarning, select
 from ..schedule import pruned_fraction
 from ..table import FILENAME, EpochMask, ScoreTable
 
@@ -338,8 +339,12 @@ class TEDStreamingDataset(StreamingDataset):
         mask = self._mask_for(epoch)
         if mask is None:  # nothing was scored when the epoch began: it pruned none of what it asked
             count = self.num_samples if self._filter is None else self._filter.kept
-            mask = EpochMask.from_bools(epoch, np.ones(self.num_samples, bool),
-                                        requested=round(pruned_fraction(self.ted, epoch) * count))
+            requested = round(pruned_fraction(self.ted, epoch) * count)
+            warnings.warn(f"epoch {epoch} was iterated without start_epoch({epoch}) while the table file "
+                          f"held no scores, so it pruned none of the {requested} samples the schedule asks "
+                          "for; persist recorded scores with save_table() (or call start_epoch) before "
+                          "an epoch begins", PruningWarning, stacklevel=3)
+            mask = EpochMask.from_bools(epoch, np.ones(self.num_samples, bool), requested=requested)
         self.table.masks[epoch] = mask
 
     def kept_ids(self, epoch: int) -> NDArray[np.int64]:
