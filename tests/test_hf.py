@@ -1,0 +1,168 @@
+"""ted_stream.integrations.hf: the Hugging Face Trainer with TED pruning, on a scratch 2-layer
+Llama and 64 sequences of 16 tokens. Pruning happens and only kept samples are trained, the loss
+is weighted by ted_weight, the learning-rate schedule ends with the last pruned epoch, and a run
+resumed from a Trainer checkpoint (mid-epoch and at an epoch end) reproduces the uninterrupted
+run's sample stream, table and weights. The DeepSpeed config path on 2 CPU ranks is in
+test_hf_deepspeed.py (minutes)."""
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments  # noqa: E402
+
+from ted_stream import TEDConfig, TEDStreamingDataset  # noqa: E402
+from ted_stream.integrations.hf import STATE_FILE, TEDTrainer  # noqa: E402
+from ted_stream.prepare import write_mds  # noqa: E402
+from ted_stream.protocol import TABLE_FILE  # noqa: E402
+from ted_stream.scorer import per_sample_lm_loss  # noqa: E402
+from ted_stream.table import ScoreTable  # noqa: E402
+
+N, SEQ, VOCAB, BATCH, GAS, EPOCHS, LR = 64, 16, 64, 4, 2, 3, 1e-2
+CFG = TEDConfig(target=0.5, epochs=EPOCHS, warmup_epochs=1, ramp_epochs=1, explore=0.2, max_weight=2.0)
+FULL_UPDATES = N // BATCH // GAS  # 8 per unpruned epoch; 4 per epoch at half the data
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    folder = tmp_path_factory.mktemp("hf") / "data"
+    # "doc" is a column the model does not take: the Trainer's remove_unused_columns drops it
+    write_mds(({"input_ids": rng.integers(0, VOCAB, SEQ).tolist(), "doc": i} for i in range(N)), str(folder))
+    return str(folder)
+
+
+def collate(samples):
+    ids = torch.tensor([s["input_ids"] for s in samples])
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=SEQ))
+
+
+class Recording(TEDTrainer):
+    """Records each training micro-batch's ids and weights, and checks its loss on the way."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.ids: list[list[int]] = []
+        self.weights: list[list[float]] = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            self.ids.append(inputs["ted_id"].tolist())
+            self.weights.append(inputs["ted_weight"].tolist())
+            with torch.no_grad():
+                expected = (per_sample_lm_loss(model(input_ids=inputs["input_ids"]).logits, inputs["labels"])
+                            * inputs["ted_weight"]).mean()
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if model.training:
+            torch.testing.assert_close(loss.detach(), expected)  # the per-sample loss, weighted
+        return loss
+
+
+def trainer(corpus, out, table_dir, **args) -> Recording:
+    ds = TEDStreamingDataset(local=corpus, table_dir=str(table_dir), batch_size=BATCH, shuffle=True,
+                             shuffle_seed=1, ted=CFG)
+    targs = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=BATCH, gradient_accumulation_steps=GAS,
+        num_train_epochs=EPOCHS, learning_rate=LR, lr_scheduler_type="linear", warmup_steps=2,
+        logging_steps=1, save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, seed=0,
+        disable_tqdm=True, dataloader_num_workers=0, **args)
+    return Recording(model=tiny_llama(), args=targs, train_dataset=ds, data_collator=collate,
+                     ted_scorer={"rows": 4})
+
+
+def release(t: Recording) -> None:
+    t.ted.scorer.remove()
+    t.train_dataset = t._ted_loader = t.ted = t.callback_handler = None
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    """The uninterrupted run, with a checkpoint every 2 optimizer steps."""
+    root = tmp_path_factory.mktemp("ref")
+    t = trainer(corpus, root / "out", root / "table")
+    t.train()
+    run = {"ids": t.ids, "weights": t.weights, "log": t.state.log_history, "root": root,
+           "table": ScoreTable.load(t.train_dataset.table_path), "ds_kept": {},
+           "params": {k: v.clone() for k, v in t.model.state_dict().items()}}
+    run["ds_kept"] = {e: t.train_dataset.kept_ids(e).tolist() for e in range(EPOCHS)}
+    release(t)
+    return run
+
+
+def ted_rows(log):
+    return [{k: v for k, v in r.items() if k.startswith("ted_")} for r in log if "ted_kept" in r]
+
+
+def test_trainer_prunes_weights_and_schedules_by_epoch(reference):
+    rows = ted_rows(reference["log"])
+    kept = [r["ted_kept"] for r in rows]
+    assert [r["ted_epoch"] for r in rows] == list(range(EPOCHS))
+    assert kept[0] == N and kept[1] == kept[2] == N // 2
+    assert [r["ted_trained"] for r in rows] == kept
+    assert rows[-1]["ted_saved_so_far"] == pytest.approx(1 - sum(kept) / (EPOCHS * N))
+    # only the kept samples, each once per epoch; the loader's length followed the pruned epochs
+    bounds = np.cumsum([0] + [k // BATCH for k in kept])
+    for e in range(EPOCHS):
+        seen = sum(reference["ids"][bounds[e]:bounds[e + 1]], [])
+        assert sorted(seen) == reference["ds_kept"][e]
+    assert len(reference["ids"]) == bounds[-1]
+    assert max(max(w) for w in reference["weights"]) > 1.0  # rescaled samples reached the loss
+    # every sample scored in the warm-up
+    assert reference["table"].scored.all()
+    # the schedule follows epochs: linear decay reaches ~0 at the last of 16 real steps
+    # (step-based, the 48 planned steps would still leave a third of the peak)
+    steps = [r for r in reference["log"] if "learning_rate" in r and "loss" in r]
+    assert len(steps) == sum(kept) // (BATCH * GAS) == 16
+    lrs = [r["learning_rate"] for r in steps]
+    assert lrs[-1] < 0.1 * LR and all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+    assert steps[-1]["epoch"] == pytest.approx(EPOCHS)  # state.epoch counts streaming's epochs
+    assert os.path.exists(reference["root"] / "out" / "checkpoint-2" / TABLE_FILE)
+    assert os.path.exists(reference["root"] / "out" / "checkpoint-2" / STATE_FILE)
+
+
+@pytest.mark.parametrize("step", [10, 12], ids=["mid-pruned-epoch", "epoch-end"])
+def test_resume_from_a_trainer_checkpoint_is_exact(corpus, reference, tmp_path, step):
+    """Epoch 0 has 8 steps and epochs 1, 2 have 4: step 10 is inside epoch 1, step 12 its end
+    (where the Trainer's own arithmetic, 12 // 8, would say epoch 1 with 4 steps done)."""
+    out, table_dir = tmp_path / "out", tmp_path / "table"
+    shutil.copytree(reference["root"] / "out" / f"checkpoint-{step}", out / f"checkpoint-{step}")
+    shutil.copytree(reference["root"] / "table", table_dir)  # the finished run's table: later scores, masks
+    t = trainer(corpus, out, table_dir)
+    t.train(resume_from_checkpoint=True)
+    assert t.ids == reference["ids"][step * GAS:]
+    resumed_rows = ted_rows(t.state.log_history)
+    assert resumed_rows == [r for r in ted_rows(reference["log"]) if r["ted_epoch"] >= resumed_rows[0]["ted_epoch"]]
+    final = ScoreTable.load(t.train_dataset.table_path)
+    np.testing.assert_array_equal(final.scores, reference["table"].scores)
+    for e in range(EPOCHS):
+        np.testing.assert_array_equal(final.masks[e].keep, reference["table"].masks[e].keep)
+    for k, v in t.model.state_dict().items():
+        torch.testing.assert_close(v, reference["params"][k], rtol=1e-5, atol=1e-6)
+    release(t)
+
+
+def test_configuration_errors_name_the_value(corpus, tmp_path):
+    ds = TEDStreamingDataset(local=corpus, table_dir=str(tmp_path / "t"), batch_size=BATCH, ted=CFG)
+    base = dict(output_dir=str(tmp_path / "o"), report_to=[], use_cpu=True)
+    cases = [(dict(per_device_train_batch_size=8, num_train_epochs=3), "batch_size=4.*per_device_train_batch_size=8"),
+             (dict(per_device_train_batch_size=BATCH, max_steps=5), "max_steps=5"),
+             (dict(per_device_train_batch_size=BATCH, num_train_epochs=2.5), "num_train_epochs=2.5"),
+             (dict(per_device_train_batch_size=BATCH, num_train_epochs=2), "epochs=2 but .*epochs=3")]
+    for kw, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            TEDTrainer(model=tiny_llama(), args=TrainingArguments(**base, **kw), train_dataset=ds)
+    with pytest.raises(TypeError, match="expected a TEDStreamingDataset"):
+        TEDTrainer(model=tiny_llama(), args=TrainingArguments(**base), train_dataset=[1, 2])
