@@ -315,3 +315,14 @@ def test_two_ranks_share_scores_and_mask(shards, tmp_path):
     assert len(r0["kept"]) == len(r1["kept"])
     assert sorted(np.concatenate([r0["kept"], r1["kept"]]).tolist()) == np.flatnonzero(keep).tolist()
     assert 0 < keep.sum() < N
+
+
+def test_docs_example_runs(capsys):
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "webdataset.md")).read()
+    code = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "docs/webdataset.md", "exec"), {"__name__": "docs_example"})
+    out = capsys.readouterr().out
+    assert [line.split(":")[1].split(" of")[0] for line in out.splitlines()[:4]] == [
+        " kept 256", " kept 128", " kept 128", " kept 256"]
+    assert "128 per rank" in out.splitlines()[1]
+    assert "streaming epoch 2: 10 batches" in out and "resumed epoch 1 with 80 samples left" in out
