@@ -304,7 +304,7 @@ class TEDStreamingDataset(StreamingDataset):
             raise ValueError(f"start_epoch({epoch}) does not match the epoch streaming iterates next, "
                              f"{expected}: epochs count from 0 and advance once per pass over the loader "
                              f"(a loaded checkpoint resumes its own epoch); call start_epoch({expected})")
-        self._persist_current_mask()  # before the collective, as in save_table
+        self._persist_current_mask(before=epoch)  # the epoch just iterated; before the collective
         self.sync()
         self.table.epoch = epoch
         mask = self.table.masks.get(epoch)
@@ -330,11 +330,13 @@ class TEDStreamingDataset(StreamingDataset):
             self.table.save(self.table_path)
             self._push_table()
 
-    def _persist_current_mask(self) -> None:
-        # The epoch in progress may have been frozen implicitly from the file about to be
-        # overwritten: record its mask (all-keep where that froze nothing) so that it survives.
+    def _persist_current_mask(self, before: Optional[int] = None) -> None:
+        # The epoch in progress (or just iterated) may have been frozen implicitly from the file
+        # about to be overwritten: record its mask (all-keep where that froze nothing) so that it
+        # survives. `before`: start_epoch's epoch, which it freezes itself.
         epoch = self._resume(self._parallel_rank_world, self.next_epoch - 1)[0]
-        if epoch < 0 or epoch in self.table.masks or pruned_fraction(self.ted, epoch) == 0:
+        if (epoch < 0 or (before is not None and epoch >= before) or epoch in self.table.masks
+                or pruned_fraction(self.ted, epoch) == 0):
             return
         mask = self._mask_for(epoch)
         if mask is None:  # nothing was scored when the epoch began: it pruned none of what it asked
