@@ -89,7 +89,7 @@ def texts(loader, stop_after=None):
         if stop_after is not None and i + 1 == stop_after:
             state = loader.state_dict()
             break
-    return out, state
+    return out, state if stop_after is not None else loader.state_dict()
 
 
 def run(cls, d, layout, workers, persistent, remote, cache, stop_after):
@@ -115,14 +115,16 @@ def run(cls, d, layout, workers, persistent, remote, cache, stop_after):
     return epochs, head, rest, state
 
 
-@pytest.mark.parametrize("layout,workers,persistent,remote", [
-    ("one", 0, False, False), ("proportion", 2, False, False), ("repeat", 2, True, False),
-    ("one", 2, False, True)])
-def test_loader_epochs_and_resume_are_upstreams(data, tmp_path, layout, workers, persistent, remote):
-    up = run(StreamingDataset, data, layout, workers, persistent, remote, tmp_path, stop_after=5)
-    ted = run(TEDStreamingDataset, data, layout, workers, persistent, remote, tmp_path, stop_after=5)
+@pytest.mark.parametrize("layout,workers,persistent,remote,stop_after", [
+    ("one", 0, False, False, 5), ("proportion", 2, False, False, 5), ("repeat", 2, True, False, 5),
+    ("one", 2, False, True, 5), ("two", 2, False, False, None)])
+def test_loader_epochs_and_resume_are_upstreams(data, tmp_path, layout, workers, persistent, remote, stop_after):
+    """stop_after=None: the checkpoint is taken after the whole epoch 3."""
+    up = run(StreamingDataset, data, layout, workers, persistent, remote, tmp_path, stop_after)
+    ted = run(TEDStreamingDataset, data, layout, workers, persistent, remote, tmp_path, stop_after)
     assert ted[:3] == up[:3]  # epochs, the head of epoch 3 and its resumed rest
-    assert len(up[2]) > 0 and up[1] + up[2] != up[0][0]  # a real mid-epoch resume, a reshuffled epoch
+    assert up[1] != up[0][0]  # a reshuffled epoch
+    assert (len(up[2]) > 0) == (stop_after is not None)  # mid-epoch: a rest; at the end: none
     ted_state = dict(ted[3])
     assert ted_state.pop("ted")["epoch"] == 3
     assert ted_state == up[3]
