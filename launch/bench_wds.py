@@ -2,12 +2,14 @@
 
 Writes synthetic shards (random ASCII text + a class label per sample), indexes them, then times
 whole epochs, in one process (num_workers=0, so the numbers compare per-core cost), repeats
-interleaved round-robin so that a busy neighbour slows every variant alike:
+interleaved round-robin so that a busy neighbour slows every variant alike. Times are CPU seconds
+of this process (``time.process_time``) as well as wall seconds: on a shared machine the wall
+clock measures the neighbours too, the CPU time mostly does not.
 
-* pruning off: samples/s of plain webdataset (tarfile_to_samples -> decode -> batched), the
+* pruning off: samples per CPU second of plain webdataset (tarfile_to_samples -> decode -> batched), the
   streaming path (the same plus TED's shard dealing and selection stage) and the exact path
   (DataLoader over the map-style dataset and its sampler);
-* pruning on: epoch time of both TED paths at 30/50/70% pruned relative to their own time with
+* pruning on: epoch CPU time of both TED paths at 30/50/70% pruned relative to their own time with
   nothing pruned, and the bytes each epoch read from the shards (``rchar`` of /proc/self/io: bytes
   returned by read calls, page cache included) as a fraction of the pruned samples' bytes.
 
@@ -58,11 +60,11 @@ def rchar() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
 
 
-def timed(epoch: Callable[[], int]) -> tuple[float, int, int]:
-    """(seconds, samples, bytes read) of one epoch."""
-    before, t0 = rchar(), time.perf_counter()
+def timed(epoch: Callable[[], int]) -> tuple[float, float, int, int]:
+    """(wall seconds, CPU seconds of this process, samples, bytes read) of one epoch."""
+    before, t0, c0 = rchar(), time.perf_counter(), time.process_time()
     samples = epoch()
-    return time.perf_counter() - t0, samples, rchar() - before
+    return time.perf_counter() - t0, time.process_time() - c0, samples, rchar() - before
 
 
 def plain_epoch(pattern: str, batch: int) -> Callable[[], int]:
@@ -106,9 +108,11 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the summary JSON here")
     args = ap.parse_args()
 
+    commit = git_commit()  # the code this run imported, before anyone edits the tree
     folder = tempfile.mkdtemp(prefix="bench_wds-")
     try:
         summary = run(args, folder)
+        summary["commit"] = commit
     finally:
         shutil.rmtree(folder)
     print(json.dumps(summary, indent=1))
@@ -137,42 +141,46 @@ def run(args: argparse.Namespace, folder: str) -> dict[str, Any]:
         variants[f"streaming {fraction:.0%}"] = streaming_epoch(ds, args.batch)
         variants[f"exact {fraction:.0%}"] = exact_epoch(ds, args.batch)
     shard_bytes = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".tar"))
-    runs: dict[str, list[tuple[float, int, int]]] = {k: [] for k in variants}
+    runs: dict[str, list[tuple[float, float, int, int]]] = {k: [] for k in variants}
     variants["plain webdataset"]()  # warm the page cache: every variant then reads from memory
     for r in range(args.repeats):
         for name, epoch in variants.items():
-            runs[name].append(timed(epoch))
-            print(json.dumps({"repeat": r, "variant": name, "seconds": round(runs[name][-1][0], 4),
-                              "samples": runs[name][-1][1], "bytes_read": runs[name][-1][2]}), flush=True)
+            wall, cpu, samples, read = timed(epoch)
+            runs[name].append((wall, cpu, samples, read))
+            print(json.dumps({"repeat": r, "variant": name, "wall_s": round(wall, 4), "cpu_s": round(cpu, 4),
+                              "samples": samples, "bytes_read": read}), flush=True)
 
-    def median(name: str) -> float:
-        return float(np.median([t for t, _, _ in runs[name]]))
+    def median(name: str, column: int) -> float:
+        return float(np.median([run[column] for run in runs[name]]))
 
     results: dict[str, Any] = {}
     for name in variants:
-        samples, read = runs[name][0][1], runs[name][0][2]
-        results[name] = {"median_s": round(median(name), 4), "samples": samples,
-                         "samples_per_s": round(samples / median(name), 1), "bytes_read": read}
+        samples, read = runs[name][0][2], runs[name][0][3]
+        results[name] = {"median_wall_s": round(median(name, 0), 4), "median_cpu_s": round(median(name, 1), 4),
+                         "samples": samples, "samples_per_cpu_s": round(samples / median(name, 1), 1),
+                         "bytes_read": read}
     for fraction, ds in datasets.items():
         kept = ds.kept_ids(1)
         kept_bytes = sum(ds.index.span_bytes(int(i)) for i in kept)
         pruned_bytes = sum(ds.index.span_bytes(i) for i in range(n)) - kept_bytes
         for path in ("streaming", "exact"):
-            entry = results[f"{path} {fraction:.0%}"]
+            name = f"{path} {fraction:.0%}"
+            entry = results[name]
             entry["kept_fraction"] = round(len(kept) / n, 4)
-            entry["time_vs_unpruned"] = round(median(f"{path} {fraction:.0%}") / median(f"{path} 0%"), 3)
+            entry["cpu_vs_unpruned"] = round(median(name, 1) / median(f"{path} 0%", 1), 3)
+            entry["wall_vs_unpruned"] = round(median(name, 0) / median(f"{path} 0%", 0), 3)
             entry["bytes_read_vs_shards"] = round(entry["bytes_read"] / shard_bytes, 3)
             if pruned_bytes:  # tar padding and end blocks are read too: capped at all of the pruned bytes
                 entry["pruned_bytes_read_fraction"] = round(
                     min(1.0, max(0, entry["bytes_read"] - kept_bytes) / pruned_bytes), 3)
-    plain = results["plain webdataset"]["samples_per_s"]
+    plain = results["plain webdataset"]["samples_per_cpu_s"]
     for path in ("streaming", "exact"):
-        results[f"{path} 0%"]["vs_plain"] = round(results[f"{path} 0%"]["samples_per_s"] / plain, 3)
+        results[f"{path} 0%"]["vs_plain"] = round(results[f"{path} 0%"]["samples_per_cpu_s"] / plain, 3)
     return {
         "command": "python launch/bench_wds.py " + " ".join(
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
             for k, v in vars(args).items() if v is not None and k != "out"),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}, webdataset "
                    f"{getattr(wds, '__version__', '?')}",
         "samples": n, "shard_bytes": shard_bytes, "results": results,

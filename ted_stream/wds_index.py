@@ -225,7 +225,11 @@ class WdsIndex:
             raise ManifestError(f"{path} is not valid JSON ({e}); re-run ted-stream index") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
             raise ManifestError(f"{path} is not a version-{VERSION} {FORMAT} manifest; re-run ted-stream index")
-        indexed = [s["name"] for s in manifest["shards"]]
+        try:
+            indexed = [s["name"] for s in manifest["shards"]]
+            index = cls(folder, manifest)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ManifestError(f"{path} is malformed ({type(e).__name__}: {e}); re-run ted-stream index") from None
         added = [n for n in names if n not in indexed]
         removed = [n for n in indexed if n not in names or not os.path.exists(os.path.join(folder, n))]
         redo = f"re-run ted-stream index (a new index starts a new score table)"
@@ -246,7 +250,7 @@ class WdsIndex:
             if changed:
                 raise ManifestError(f"shard {s['name']} in {folder} changed after indexing (size {st.st_size}, "
                                     f"indexed {s['size']}; or different content); {redo}")
-        return cls(folder, manifest)
+        return index
 
     def locate(self, sample_id: int) -> tuple[int, int]:
         """(shard number, sample number within the shard) of a global sample id."""

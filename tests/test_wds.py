@@ -223,6 +223,20 @@ def test_exact_mid_epoch_resume(shards):
         resumed.state_dict(999)
 
 
+def test_persistent_workers_read_later_masks_from_the_table(shards):
+    cfg = TEDConfig(target=0.5, warmup_epochs=1, ramp_epochs=0, explore=0.5, rescale=True, seed=2)
+    ds = scored(shards, ted=cfg)
+    loader = DataLoader(ds, batch_size=BATCH, sampler=ds.sampler, num_workers=2, persistent_workers=True)
+    for epoch in (1, 2):  # the workers were forked in epoch 1, before the mask of epoch 2 existed
+        mask = ds.start_epoch(epoch)
+        batches = list(loader)
+        served = [i for b in batches for i in b["ted_id"].tolist()]
+        assert served == ds.rank_ids(epoch).tolist()
+        weights = np.concatenate([b["ted_weight"].numpy() for b in batches])
+        np.testing.assert_allclose(weights, mask.weights(served))
+    assert ds.kept_ids(1).tolist() != ds.kept_ids(2).tolist()
+
+
 def test_iterating_without_start_epoch_says_what_to_call(shards):
     ds = dataset(shards)
     with pytest.raises(RuntimeError, match=r"call start_epoch\(epoch\)"):
@@ -260,7 +274,7 @@ def test_corrupt_member_is_reported_and_the_epoch_goes_on(shards):
 # ---- the streaming path ------------------------------------------------------------------------
 def stream_epoch(ds, workers=2):
     pipe = wds.DataPipeline(ds.wds_shards(), wds.tarfile_to_samples(), ds.wds_select(),
-                            wds.decode(partial=True), wds.batched(BATCH, partial=False))
+                            wds.decode(partial=True), wds.batched(BATCH))
     loader = wds.WebLoader(pipe, batch_size=None, num_workers=workers)
     return [(list(map(int, b["ted_id"])), list(b["ted_weight"]), [int(c) for c in b["cls"]]) for b in loader]
 
@@ -274,6 +288,7 @@ def test_streaming_path_drops_pruned_ids_and_equalises_ranks(shards):
         per_rank.append(stream_epoch(ds))
     kept = set(ds.kept_ids(1).tolist())
     assert len(per_rank[0]) == len(per_rank[1]) > 0  # equal batch counts
+    assert len({sum(len(ids) for ids, _, _ in batches) for batches in per_rank}) == 1  # and samples
     served = [i for batches in per_rank for ids, _, _ in batches for i in ids]
     assert set(served) == kept  # no pruned id; no kept id lost
     for ids, weights, cls in (b for batches in per_rank for b in batches):

@@ -266,7 +266,18 @@ class TEDWebDataset(torch.utils.data.Dataset):
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
         return self.rank * workers + worker, self.world_size * workers
 
+    def _kept_per_shard(self, epoch: int) -> np.ndarray:
+        cumulative = np.concatenate([[0], np.cumsum(self._keep_bools(epoch))])
+        return cumulative[self.index.starts[1:]] - cumulative[self.index.starts[:-1]]
+
     def _slot_shards(self, epoch: int, slots: int) -> list[np.ndarray]:
+        """Each rank x worker slot's shards in reading order, for ``epoch``.
+
+        Shards are dealt by their kept counts this epoch (largest first, each to the slot with the
+        fewest kept samples so far), so that the slots' counts, and hence the padding the
+        streaming path needs, stay close; ties and each slot's reading order follow a
+        permutation by (seed, epoch).
+        """
         shards = len(self.index.shards)
         if shards < slots:
             raise ValueError(f"{shards} shards cannot be dealt to {slots} ranks x workers: expected at least "
@@ -274,11 +285,17 @@ class TEDWebDataset(torch.utils.data.Dataset):
         order = np.arange(shards)
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch, 1]).permutation(shards)
-        return [order[s::slots] for s in range(slots)]
+        kept = self._kept_per_shard(epoch)
+        load, dealt = np.zeros(slots, np.int64), [[] for _ in range(slots)]
+        for position in np.argsort(-kept[order], kind="stable"):
+            slot = int(np.argmin(load))
+            dealt[slot].append(position)
+            load[slot] += kept[order[position]]
+        return [order[np.sort(np.array(d, dtype=np.int64))] for d in dealt]
 
     def wds_shards(self) -> Callable[[], Iterator[dict[str, str]]]:
         """First stage of a webdataset pipeline: this rank's and worker's shards for the current
-        epoch (shuffled by (seed, epoch), dealt round-robin), as ``{"url": path}``."""
+        epoch (see ``_slot_shards``), as ``{"url": path}``."""
         def source() -> Iterator[dict[str, str]]:
             slot, slots = self._slot()
             for s in self._slot_shards(self._current_epoch(), slots)[slot]:
@@ -291,18 +308,19 @@ class TEDWebDataset(torch.utils.data.Dataset):
         ``partial=True`` so webdataset's decoder leaves them alone).
 
         Every worker of every rank yields the same count: the largest kept count of any worker's
-        shards, rounded up to batch_size; a worker with fewer kept samples repeats its own first
-        kept samples (held raw, in memory, until its shards end). Each rank thus gets
-        ``workers x count / batch_size`` batches with ``webdataset.batched(batch_size)``.
+        shards; a worker with fewer kept samples repeats its own first kept samples (held raw, in
+        memory, until its shards end). With ``webdataset.batched(b)`` every worker, so every rank,
+        then forms the same number of batches (the last one partial unless ``partial=False``).
         """
         def select(samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
             epoch = self._current_epoch()
             mask, keep = self._mask(epoch), self._keep_bools(epoch)
+            boosted = (np.zeros(len(keep), bool) if mask.boost is None else
+                       np.unpackbits(mask.boost, bitorder="little", count=len(keep)).astype(bool))
             slot, slots = self._slot()
-            cumulative = np.concatenate([[0], np.cumsum(keep)])
-            per_shard = cumulative[self.index.starts[1:]] - cumulative[self.index.starts[:-1]]
+            per_shard = self._kept_per_shard(epoch)
             counts = [int(per_shard[s].sum()) for s in self._slot_shards(epoch, slots)]
-            quota = -(-max(counts) // self.batch_size) * self.batch_size
+            quota = max(counts)
             ids = self._ids_by_name()
             repeats: list[dict[str, Any]] = []
             served = 0
@@ -314,7 +332,8 @@ class TEDWebDataset(torch.utils.data.Dataset):
                                         f"manifest of {self.index.folder}: re-run ted-stream index")
                 if not keep[sample_id]:
                     continue
-                sample["ted_id"], sample["ted_weight"] = int(sample_id), float(mask.weights([sample_id])[0])
+                sample["ted_id"] = sample_id  # no per-sample numpy call here: this runs once per tar sample
+                sample["ted_weight"] = mask.boost_weight if boosted[sample_id] else 1.0
                 if len(repeats) < quota - counts[slot]:
                     repeats.append(dict(sample))
                 yield sample
