@@ -9,7 +9,7 @@ One uninterrupted reference run, then per trial: the same job killed at a random
   - step:N / save:N / epoch:E / frozen:E: a random rank SIGKILLs itself at that point
     (train_llm.py --kill-at): after step N, inside step N's checkpoint (table saved, DeepSpeed's
     files not yet), before epoch E's score merge and mask freeze, right after it.
-torchrun tears the other rank down. Compared with the reference: every rank's (epoch, sample id)
+The deepspeed launcher tears the other rank down. Compared with the reference: every rank's (epoch, sample id)
 stream (lost and duplicated samples counted per epoch and rank), the step losses, the final
 table's masks and scores; and whether the killed run's DeepSpeed /dev/shm buffers were gone after
 the resume (train_llm removes stale ones at start, whatever their port). Tiny job: 200 windows of
@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 from ted_stream.table import ScoreTable  # noqa: E402
 
 SCRIPT = os.path.join(HERE, "train_llm.py")
-TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
 EPOCHS, N, SAVE_EVERY, MICRO = 3, 200, 4, 4
 JOB = ["--config", os.path.join(HERE, "configs", "zero2.json"), "--max-docs", "20", "--max-samples", str(N),
        "--seq-len", "64", "--epochs", str(EPOCHS), "--vocab-size", "512", "--micro-batch", str(MICRO),
@@ -58,27 +58,28 @@ def _env(run_dir: str) -> dict[str, str]:
     return e
 
 
-def _rank_pid(parent: int, rank: int) -> Optional[int]:
-    """The pid of ``rank`` among the worker processes under torchrun ``parent``."""
+def _rank_pid(session: int, rank: int) -> Optional[int]:
+    """The pid of the training process of ``rank`` in the launcher's ``session``."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/environ", "rb") as f:
                 env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
             with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                sid = int(f.read().rsplit(")", 1)[1].split()[3])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                is_rank = SCRIPT.encode() in f.read()
         except (OSError, ValueError, IndexError):
             continue
-        if ppid == parent and env.get(b"RANK") == str(rank).encode():
+        if sid == session and is_rank and env.get(b"RANK") == str(rank).encode():
             return int(pid)
     return None
 
 
 def launch(run_dir: str, data_root: str, *extra: str, kill_after_s: Optional[float] = None,
            kill_rank: int = 0, timeout: float = 900) -> tuple[int, str, int]:
-    """Run the job under torchrun with 2 ranks: (exit status, log tail, port)."""
+    """Run the job with the deepspeed launcher, 2 ranks: (exit status, log tail, port)."""
     port = _free_port()
-    cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
-           SCRIPT, "--out", run_dir, "--data-root", data_root, "--table-dir", os.path.join(run_dir, "ted"),
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(port), SCRIPT, "--out", run_dir, "--data-root", data_root, "--table-dir", os.path.join(run_dir, "ted"),
            *JOB, *extra]
     log_path = os.path.join(run_dir + ".log")
     with open(log_path, "a") as log:
@@ -94,7 +95,7 @@ def launch(run_dir: str, data_root: str, *extra: str, kill_after_s: Optional[flo
                     os.kill(pid, signal.SIGKILL)
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # our own session: torchrun and its ranks only
+            os.killpg(proc.pid, signal.SIGKILL)  # our own session: the launcher and its ranks only
             proc.wait()
     with open(log_path) as f:
         return proc.returncode, f.read()[-3000:], port
@@ -132,12 +133,16 @@ def compare(ref: dict[str, Any], got: dict[str, Any]) -> dict[str, Any]:
             "same_table": table}
 
 
-def kill_points(rng: random.Random, trials: int, ref_seconds: float) -> list[dict[str, Any]]:
+KINDS = ("time", "time", "step", "save", "epoch", "frozen")  # a third of the kills are timed
+
+
+def kill_points(rng: random.Random, trials: int, ref_seconds: float,
+                kinds: tuple[str, ...] = KINDS) -> list[dict[str, Any]]:
     steps = EPOCHS * N // (2 * MICRO)  # at most: the epochs that prune have fewer
     saves = list(range(SAVE_EVERY, N // (2 * MICRO) + 1, SAVE_EVERY))  # checkpoints surely in epoch 0
     points = []
     for i in range(trials):
-        kind = ["time", "time", "step", "save", "epoch", "frozen"][i % 6]
+        kind = kinds[i % len(kinds)]
         rank = rng.randrange(2)
         if kind == "time":
             points.append({"kind": kind, "rank": rank, "after_s": round(rng.uniform(0.1, 0.95) * ref_seconds, 2)})
@@ -153,17 +158,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--trials", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/soak")
+    p.add_argument("--kinds", default=",".join(KINDS), help="kill kinds, cycled through in this order")
     args = p.parse_args(argv)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     data_root = os.path.join(out, "data")
     ref_dir = os.path.join(out, "ref")
     if not os.path.exists(os.path.join(ref_dir, "ted", "table.tedt")):
-        t0 = time.time()
-        rc, tail, _ = launch(ref_dir, data_root)
-        if rc != 0:
-            print(tail, file=sys.stderr)
-            return 1
+        # A first run prepares the data (and builds DeepSpeed's ops): the reference's duration,
+        # which scales the timed kills, is then that of a trial.
+        for run_dir in (os.path.join(out, "warm"), ref_dir):
+            t0 = time.time()
+            rc, tail, _ = launch(run_dir, data_root)
+            if rc != 0:
+                print(tail, file=sys.stderr)
+                return 1
         with open(os.path.join(out, "ref_seconds"), "w") as f:
             f.write(f"{time.time() - t0:.1f}")
     with open(os.path.join(out, "ref_seconds")) as f:
@@ -171,7 +180,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ref = snapshot(ref_dir)
     results_path = os.path.join(out, "soak.jsonl")
     done = len(_jsonl(results_path)) if os.path.exists(results_path) else 0
-    points = kill_points(random.Random(args.seed), args.trials, ref_seconds)
+    points = kill_points(random.Random(args.seed), args.trials, ref_seconds, tuple(args.kinds.split(",")))
     for i, point in enumerate(points[done:], start=done):
         run_dir = os.path.join(out, f"trial{i}")
         t0 = time.time()

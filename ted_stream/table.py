@@ -260,14 +260,14 @@ class ScoreTable:
         header = json.dumps(self._header(crc, size), sort_keys=True).encode()
         sized = struct.pack("<II", VERSION, len(header))
         header_crc = zlib.crc32(header, zlib.crc32(sized))
-        seen = self._seen if path == self.path else None
+        seen = self._seen if self.path and os.path.abspath(path) == os.path.abspath(self.path) else None
         with _locked(folder):  # check-then-rename must not interleave with another writer's
             on_disk = _disk_header_crc(path)
             if on_disk is not None and on_disk not in (seen, header_crc):
                 raise TableError(
-                    f"{path} was rewritten by another process since this one "
-                    f"{'read' if seen is not None else 'found no'} table there: saving now would drop "
-                    "that process's scores. Two runs cannot share one table: give each its own table_dir")
+                    f"{path} was written by another process after this one "
+                    f"{'loaded it' if seen is not None else 'found no table there'}: saving now would "
+                    "drop that process's scores. Two runs cannot share one table: give each its own table_dir")
             fd, tmp = tempfile.mkstemp(prefix=".table-", suffix=".tmp", dir=folder)
             try:
                 os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would lock out a shared group

@@ -318,7 +318,7 @@ def test_two_processes_sharing_a_table_never_lose_scores_silently(tmp_path):
         out, _ = p.communicate("go\n", timeout=60)
         results.append(out)
     assert results[0].startswith("saved")
-    assert results[1].startswith("refused") and "rewritten by another process" in results[1] \
+    assert results[1].startswith("refused") and "written by another process after this one loaded it" in results[1] \
         and "table_dir" in results[1]
     on_disk = ScoreTable.load(path, FP)
     assert on_disk.score_array()[1] == 42.0  # the first writer's score survived
