@@ -23,8 +23,7 @@ import os
 import re
 import tarfile
 import tempfile
-from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 from .table import current_umask
 
@@ -34,6 +33,7 @@ VERSION = 1
 _BLOCK = tarfile.BLOCKSIZE  # 512: a member's own header block sits right before its data
 _HASH_CHUNK = 1 << 22
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, never part of a sample
+_COMPRESSED = (b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"BZh", b"\xfd7zXZ\x00")  # gzip, zstd, bzip2, xz
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # key = path up to the basename's first dot
 
 Shards = Union[str, Sequence[str]]
@@ -121,7 +121,7 @@ def index_shard(path: str) -> dict[str, Any]:
     shard = os.path.basename(path)
     with open(path, "rb") as f:
         magic = f.read(6)
-    if magic[:2] == b"\x1f\x8b" or magic[:4] == b"\x28\xb5\x2f\xfd" or magic[:3] == b"BZh" or magic[:6] == b"\xfd7zXZ\x00":
+    if magic.startswith(_COMPRESSED):
         raise ValueError(f"shard {shard} is compressed: expected an uncompressed tar (sample offsets "
                          "need random access; compress the members instead, e.g. .json.gz)")
     st = os.stat(path)
@@ -180,13 +180,6 @@ def index_shards(shards: Shards) -> str:
     return path
 
 
-@dataclass(frozen=True)
-class SampleRef:
-    sample_id: int
-    shard: str
-    key: str
-
-
 class WdsIndex:
     """The checked manifest of a set of tar shards, with random access by sample id."""
 
@@ -198,6 +191,8 @@ class WdsIndex:
         for c in counts:
             self.starts.append(self.starts[-1] + c)
         self.num_samples = self.starts[-1]
+        self._shard_number = {s["name"]: i for i, s in enumerate(self.shards)}
+        self._keys: dict[str, dict[str, int]] = {}  # shard name -> key -> id, see sample_id
         canon = json.dumps([{"shards": [[s["name"], len(s["keys"]), s["sha256"]] for s in self.shards]}],
                            sort_keys=True, separators=(",", ":")).encode()
         # Same shape as fingerprint.index_fingerprint, plus each shard's content digest: a shard
@@ -232,7 +227,7 @@ class WdsIndex:
             raise ManifestError(f"{path} is malformed ({type(e).__name__}: {e}); re-run ted-stream index") from None
         added = [n for n in names if n not in indexed]
         removed = [n for n in indexed if n not in names or not os.path.exists(os.path.join(folder, n))]
-        redo = f"re-run ted-stream index (a new index starts a new score table)"
+        redo = "re-run ted-stream index (a new index starts a new score table)"
         if added:
             raise ManifestError(f"shard(s) {added} in {folder} were added after indexing ({path}); {redo}")
         if removed:
@@ -243,13 +238,13 @@ class WdsIndex:
                                 f"follow the indexed order {indexed[:3]}...; pass the same pattern")
         for s in manifest["shards"]:
             st = os.stat(os.path.join(folder, s["name"]))
-            changed = st.st_size != s["size"]
-            if not changed and (rehash or st.st_mtime_ns != s["mtime_ns"]):
+            why = f"{st.st_size} bytes, indexed with {s['size']}" if st.st_size != s["size"] else None
+            if why is None and (rehash or st.st_mtime_ns != s["mtime_ns"]):
                 # A copy (another node's cache) has a new mtime but the same bytes: only the digest decides.
-                changed = _file_digest(os.path.join(folder, s["name"])) != s["sha256"]
-            if changed:
-                raise ManifestError(f"shard {s['name']} in {folder} changed after indexing (size {st.st_size}, "
-                                    f"indexed {s['size']}; or different content); {redo}")
+                if _file_digest(os.path.join(folder, s["name"])) != s["sha256"]:
+                    why = f"same size, but its SHA-256 differs from the indexed {s['sha256'][:12]}"
+            if why is not None:
+                raise ManifestError(f"shard {s['name']} in {folder} changed after indexing ({why}); {redo}")
         return index
 
     def locate(self, sample_id: int) -> tuple[int, int]:
@@ -265,19 +260,20 @@ class WdsIndex:
                 hi = mid
         return lo, sample_id - self.starts[lo]
 
-    def ref(self, sample_id: int) -> SampleRef:
-        s, j = self.locate(sample_id)
-        return SampleRef(sample_id, self.shards[s]["name"], self.shards[s]["keys"][j])
-
     def span_bytes(self, sample_id: int) -> int:
         s, j = self.locate(sample_id)
         a, b = self.shards[s]["spans"][j]
         return b - a
 
-    def ids_of(self) -> dict[tuple[str, str], int]:
-        """(shard name, key) -> sample id, for a pipeline that sees samples by name."""
-        return {(s["name"], k): self.starts[i] + j
-                for i, s in enumerate(self.shards) for j, k in enumerate(s["keys"])}
+    def sample_id(self, shard: str, key: str) -> Optional[int]:
+        """The id of ``key`` in the shard named ``shard`` (None if not indexed there). Key tables are
+        built per shard on first use: a streaming worker holds only those of its own shards."""
+        if shard not in self._keys:
+            i = self._shard_number.get(shard)
+            if i is None:
+                return None
+            self._keys[shard] = {k: self.starts[i] + j for j, k in enumerate(self.shards[i]["keys"])}
+        return self._keys[shard].get(key)
 
     def read(self, sample_id: int, files: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         """The raw sample ``{"__key__", "__shard__", field: bytes}``: one read of its byte span.
@@ -314,13 +310,9 @@ class WdsIndex:
             sample[field] = buf[at: at + size]
         return sample
 
-    def __iter__(self) -> Iterator[SampleRef]:
-        for i, s in enumerate(self.shards):
-            for j, k in enumerate(s["keys"]):
-                yield SampleRef(self.starts[i] + j, s["name"], k)
 
 
-def write_shards(samples: Iterator[dict[str, Any]], out: str, shard_bytes: int = 1 << 28,
+def write_shards(samples: Iterable[dict[str, Any]], out: str, shard_bytes: int = 1 << 28,
                  pattern: str = "shard-{:06d}.tar") -> int:
     """Write ``samples`` as uncompressed tar shards in the empty folder ``out`` (each sample is one
     ``<key>.json`` member; its key is ``__key__`` if given, else its 9-digit number), then index
@@ -356,7 +348,7 @@ def write_shards(samples: Iterator[dict[str, Any]], out: str, shard_bytes: int =
 
 
 
-def prepare_shards(samples: Iterator[dict[str, Any]], out: str, shard_bytes: int = 1 << 28) -> int:
+def prepare_shards(samples: Iterable[dict[str, Any]], out: str, shard_bytes: int = 1 << 28) -> int:
     """``write_shards`` plus an empty score table in ``out/ted`` (what ``ted-stream prepare
     --format wds`` does). Returns the sample count."""
     from .table import FILENAME, ScoreTable

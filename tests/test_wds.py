@@ -1,4 +1,5 @@
 """TEDWebDataset on real tar shards written by webdataset: indexing, both read paths, resume."""
+import gzip
 import io
 import json
 import os
@@ -7,7 +8,6 @@ import tarfile
 
 import numpy as np
 import pytest
-import torch
 import torch.multiprocessing as mp
 import webdataset as wds
 from torch.utils.data import DataLoader
@@ -112,7 +112,8 @@ def test_manifest_refuses_added_removed_and_changed_shards(tmp_path, shards):
         at = data.index(b"sample 85 ")
         f.seek(at)
         f.write(b"S")
-    with pytest.raises(ManifestError, match="shard data-000002.tar .* changed after indexing"):
+    changed = r"shard data-000002.tar .* changed after indexing \(same size, but its SHA-256 differs"
+    with pytest.raises(ManifestError, match=changed):
         TEDWebDataset(shards, ted=CFG)
     # re-indexed, the shards are another dataset: the old table is refused, not silently reused
     index_shards(shards)
@@ -145,6 +146,17 @@ def test_no_member_path_leads_outside_the_folder(tmp_path):
         wds_index.write_shards(iter([{"__key__": "../escaped", "text": "hi"}]), str(out))
     assert sorted(os.listdir(tmp_path)) == ["shards", "written"]
     assert os.listdir(out) == [] and sorted(os.listdir(evil)) == ["a.tar"]  # no manifest either
+
+
+def test_compressed_shards_are_refused(tmp_path):
+    good = tarfile.TarInfo("k1.txt")
+    good.size = 1
+    _tar_with(str(tmp_path / "plain"), [good])
+    os.mkdir(tmp_path / "shards")
+    with open(tmp_path / "plain", "rb") as f, gzip.open(tmp_path / "shards" / "a.tar", "wb") as z:
+        z.write(f.read())  # webdataset streams it; offsets into it would be meaningless
+    with pytest.raises(ValueError, match="shard a.tar is compressed: expected an uncompressed tar"):
+        index_shards(str(tmp_path / "shards"))
 
 
 # ---- the exact path ----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch.distributed
@@ -60,7 +60,7 @@ class TEDWebDataset(torch.utils.data.Dataset):
         rehash: check every shard's SHA-256 at open, not only those whose mtime changed.
     """
 
-    def __init__(self, shards: Shards, *, ted: Union[TEDConfig, dict[str, Any], None] = None,
+    def __init__(self, shards: Shards, *, ted: Union[TEDConfig, Mapping[str, Any], None] = None,
                  table_dir: Optional[str] = None, decode: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None,
                  batch_size: int = 1, shuffle: bool = True, seed: int = 0, rank: Optional[int] = None,
                  world_size: Optional[int] = None, groups: Optional[Sequence[int]] = None, rehash: bool = False):
@@ -87,8 +87,7 @@ class TEDWebDataset(torch.utils.data.Dataset):
         self.decode, self.batch_size, self.shuffle, self.seed = decode, batch_size, shuffle, seed
         self._epoch: Optional[int] = None  # the epoch last frozen (or resumed)
         self._resume: Optional[tuple[int, int]] = None  # (epoch, samples this rank already consumed)
-        self._order: dict[int, np.ndarray] = {}  # epoch -> this rank's ids, in order
-        self._names: Optional[dict[tuple[str, str], int]] = None  # (shard, key) -> id, built on first use
+        self._order: dict[int, np.ndarray] = {}  # the last epoch asked for -> this rank's ids, in order
 
     def close(self) -> None:
         """Close the shard files this process opened (they reopen on the next read)."""
@@ -223,7 +222,8 @@ class TEDWebDataset(torch.utils.data.Dataset):
                           CorruptSampleWarning, stacklevel=3)
             return int(sample_id), sample
         raise RuntimeError(f"{error}; and the next {_SUBSTITUTES} kept samples fail too: the shards "
-                           f"in {self.index.folder} look damaged (re-run ted-stream index --rehash to check)") from error
+                           f"in {self.index.folder} look damaged (open them with rehash=True to check every "
+                           "shard's digest)") from error
 
     def state_dict(self, samples_in_epoch: int) -> dict[str, Any]:
         """A JSON-serialisable resume point: ``samples_in_epoch`` is how many samples this rank
@@ -321,12 +321,11 @@ class TEDWebDataset(torch.utils.data.Dataset):
             per_shard = self._kept_per_shard(epoch)
             counts = [int(per_shard[s].sum()) for s in self._slot_shards(epoch, slots)]
             quota = max(counts)
-            ids = self._ids_by_name()
             repeats: list[dict[str, Any]] = []
             served = 0
             for sample in samples:
                 name = os.path.basename(sample["__url__"])
-                sample_id = ids.get((name, sample["__key__"]))
+                sample_id = self.index.sample_id(name, sample["__key__"])
                 if sample_id is None:
                     raise ManifestError(f"shard {name} holds key {sample['__key__']!r}, which is not in the "
                                         f"manifest of {self.index.folder}: re-run ted-stream index")
@@ -345,10 +344,6 @@ class TEDWebDataset(torch.utils.data.Dataset):
                 yield dict(repeats[i % len(repeats)])
         return select
 
-    def _ids_by_name(self) -> dict[tuple[str, str], int]:
-        if self._names is None:
-            self._names = self.index.ids_of()
-        return self._names
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -366,7 +361,7 @@ class EpochSampler(torch.utils.data.Sampler):
         epoch = self.dataset._current_epoch()
         ids = self.dataset.rank_ids(epoch)[self._start(epoch):]
         self.dataset._resume = None  # consumed: the next pass over the loader is a new epoch's
-        return iter([(epoch, int(i)) for i in ids])
+        return ((epoch, int(i)) for i in ids)
 
     def __len__(self) -> int:
         epoch = self.dataset._current_epoch()
