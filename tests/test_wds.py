@@ -333,7 +333,8 @@ def _rank_main(rank, pattern, port, out):
 
 
 def test_two_ranks_share_scores_and_mask(shards, tmp_path):
-    mp.spawn(_rank_main, args=(shards, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    # fork: the children skip re-importing torch and webdataset (seconds each on a busy machine)
+    mp.start_processes(_rank_main, args=(shards, _free_port(), str(tmp_path)), nprocs=2, start_method="fork")
     r0, r1 = (np.load(tmp_path / f"rank{r}.npz") for r in range(2))
     assert sorted(np.concatenate([r0["ids"], r1["ids"]]).tolist()) == list(range(N))
     np.testing.assert_array_equal(r0["keep"], r1["keep"])
