@@ -123,7 +123,7 @@ def test_loader_epochs_and_resume_are_upstreams(data, tmp_path, layout, workers,
     up = run(StreamingDataset, data, layout, workers, persistent, remote, tmp_path, stop_after)
     ted = run(TEDStreamingDataset, data, layout, workers, persistent, remote, tmp_path, stop_after)
     assert ted[:3] == up[:3]  # epochs, the head of epoch 3 and its resumed rest
-    assert up[1] != up[0][0]  # a reshuffled epoch
+    assert up[0][0] != up[0][1]  # each epoch shuffled anew: the streams compared are not trivial
     assert (len(up[2]) > 0) == (stop_after is not None)  # mid-epoch: a rest; at the end: none
     ted_state = dict(ted[3])
     assert ted_state.pop("ted")["epoch"] == 3
@@ -298,3 +298,46 @@ def test_predicate_identity_follows_what_it_computes(monkeypatch):
     assert captured[0] != captured[1]
     with pytest.raises(ValueError, match=r"sample_filter=functools.partial\(.*\) has no __code__"):
         sample_filters.predicate_identity(functools.partial(above_threshold))
+
+
+def _rank_main(rank, folder, port, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    ds = TEDStreamingDataset(local=folder, batch_size=BATCH, shuffle=True, ted=CFG)
+    loader = StreamingDataLoader(ds, batch_size=BATCH)  # workers agreeing: test_dataset.py
+    ids0 = [i for b in loader for i in b["ted_id"].tolist()]  # epoch 0, this rank's half
+    ds.record(ids0, np.sin(np.array(ids0) * 1.7))
+    ds.save_table()  # merges both ranks' scores, then persists: what epoch 1 freezes from
+    ids1 = [i for b in loader for i in b["ted_id"].tolist()]  # epoch 1: no start_epoch anywhere
+    crc = loader.state_dict()["ted"]["mask_crc"]
+    ds.save_table()
+    np.savez(os.path.join(out, f"rank{rank}.npz"), ids0=ids0, ids1=ids1, crc=crc)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_two_ranks_freeze_the_same_mask_without_start_epoch(tmp_path):
+    """Real gloo ranks: the implicit freeze of epoch 1 gives every rank the same mask, with no
+    collective of its own."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    folder = str(tmp_path / "data")
+    write_mds(({"text": f"s{i}", "label": i % 3} for i in range(200)), folder, size_limit=1200)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_main, args=(folder, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (np.load(tmp_path / f"rank{r}.npz") for r in range(2))
+    assert sorted(np.concatenate([r0["ids0"], r1["ids0"]]).tolist()) == list(range(200))
+    table = ScoreTable.load(os.path.join(folder, "ted", "table.tedt"))
+    assert table.scored.all() and int(r0["crc"]) == int(r1["crc"]) == table.masks[1].crc
+    ids1 = np.concatenate([r0["ids1"], r1["ids1"]])
+    assert len(set(r0["ids1"]) & set(r1["ids1"])) == 0
+    assert sorted(ids1.tolist()) == np.flatnonzero(
+        np.unpackbits(table.masks[1].keep, bitorder="little", count=200)).tolist()
+    assert 96 <= len(ids1) < 200  # half of it pruned, rounded up to 2 ranks x batch
