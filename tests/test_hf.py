@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -180,6 +181,14 @@ def port() -> int:
         return s.getsockname()[1]
 
 
+def unlink_deepspeed_buffers(master_port: int) -> None:
+    """DeepSpeed's CPU allreduce buffers (~66 MB each) of the job on ``master_port``: a run
+    leaves them in /dev/shm."""
+    for name in os.listdir("/dev/shm"):
+        if name.startswith(f"deepspeed_allreduce_buffer_{os.getuid()}_") and f"_{master_port}_" in name:
+            os.unlink(os.path.join("/dev/shm", name))
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--max-docs", "20", "--max-samples", "64", "--seq-len", "32", "--vocab-size", "256", "--batch", "4",
         "--epochs", "3", "--hidden", "32", "--save-steps", "5", "--threads", "1"]
@@ -197,10 +206,8 @@ def launch(out, mode, master_port, tmp, *extra):
            "--out", str(out), *MODES[mode], *TINY, *extra]
     try:  # no wall-clock limit of our own: a loaded 2-core machine may take minutes
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    finally:  # DeepSpeed's CPU allreduce buffers (~66 MB each), named after the port
-        for name in os.listdir("/dev/shm"):
-            if name.startswith(f"deepspeed_allreduce_buffer_{os.getuid()}_") and f"_{master_port}_" in name:
-                os.unlink(os.path.join("/dev/shm", name))
+    finally:
+        unlink_deepspeed_buffers(master_port)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     with open(os.path.join(out, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -235,3 +242,39 @@ def test_two_ranks_prune_and_resume_through_the_launcher(tmp_path, mode):
     final = ScoreTable.load(str(next((tmp_path / "b" / "data").iterdir()) / "ted" / "table.tedt"))
     np.testing.assert_array_equal(final.scores, table.scores)
     assert ted_rows(log_b) == rows
+
+
+def test_trainer_recipe_in_the_docs_runs(capsys):
+    from test_protocol import recipe
+
+    exec(compile(recipe("trainer"), "docs/integrations.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert re.findall(r"kept (\d+), saved so far (\d+)%", out) == [("64", "0"), ("32", "25"), ("32", "33")]
+    gc.collect()
+
+
+def test_deepspeed_recipe_in_the_docs_runs(tmp_path):
+    """The DeepSpeed recipe as the script it is, under torchrun (one rank: the 2-rank path is
+    test_two_ranks_prune_and_resume_through_the_launcher)."""
+    from test_protocol import recipe
+
+    script = tmp_path / "train.py"
+    script.write_text(recipe("deepspeed"))
+    master_port = port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TMPDIR=str(tmp_path), PYTHONPATH=ROOT)
+    try:
+        proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "1",
+                               "--master_addr", "127.0.0.1", "--master_port", str(master_port), str(script),
+                               str(tmp_path / "run")], cwd=tmp_path, env=env, capture_output=True, text=True)
+    finally:
+        unlink_deepspeed_buffers(master_port)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[64, 32, 32]"
+
+
+def test_missing_transformers_names_the_extra():
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "try:\n    import ted_stream.integrations.hf\nexcept ImportError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "pip install 'ted_stream[hf]'" in out

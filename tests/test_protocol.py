@@ -4,6 +4,8 @@ restores the sample stream, the masks and the table exactly (mid-epoch and at an
 from __future__ import annotations
 
 import gc
+import os
+import re
 
 import numpy as np
 import pytest
@@ -216,3 +218,17 @@ def test_state_dict_refuses_unflushed_scores_and_bad_input(data, tmp_path):
         TEDProtocol(ds, model, flush_every=0)
     with pytest.raises(ValueError, match="epochs=5 but"):
         TEDProtocol(ds, model, epochs=5)
+
+
+def recipe(name: str) -> str:
+    """A code block of docs/integrations.md, marked <!-- test: name -->."""
+    text = open(os.path.join(os.path.dirname(__file__), "..", "docs", "integrations.md")).read()
+    return re.search(rf"<!-- test: {name} -->\n```python\n(.*?)```", text, re.S).group(1)
+
+
+def test_plain_loop_recipe_in_the_docs_runs(capsys):
+    exec(compile(recipe("plain"), "docs/integrations.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert [int(k) for k in re.findall(r"kept (\d+),", out)] == [256, 128, 128, 256]
+    assert "resumed run agrees: True" in out
+    gc.collect()
