@@ -21,6 +21,7 @@ import io
 import json
 import os
 import re
+import shutil
 import tarfile
 import tempfile
 from typing import Any, Iterable, Optional, Sequence, Union
@@ -312,16 +313,20 @@ class WdsIndex:
 
 
 
-def write_shards(samples: Iterable[dict[str, Any]], out: str, shard_bytes: int = 1 << 28,
-                 pattern: str = "shard-{:06d}.tar") -> int:
-    """Write ``samples`` as uncompressed tar shards in the empty folder ``out`` (each sample is one
-    ``<key>.json`` member; its key is ``__key__`` if given, else its 9-digit number), then index
-    them. Returns the sample count. A key that is not a plain file-name stem is refused."""
-    os.makedirs(out, exist_ok=True)
-    if os.listdir(out):
+def write_shards(samples: Iterable[dict[str, Any]], out: str, shard_bytes: int = 1 << 28) -> int:
+    """Write ``samples`` as uncompressed tar shards ``shard-000000.tar``, ... into ``out`` (absent
+    or empty) and index them; returns the sample count. Each sample is one ``<key>.json`` member;
+    its key is ``__key__`` if given, else its 9-digit number, and a key that is not a plain
+    file-name stem is refused. Written in a temporary folder beside ``out`` and renamed into place
+    at the end, so a failure never leaves half a dataset."""
+    out = os.path.abspath(out)
+    if os.path.exists(out) and os.listdir(out):
         raise FileExistsError(f"{out} is not empty; choose an empty folder")
-    count, shard, tar = 0, 0, None
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
+    count, tar = 0, None
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide a shared dataset
         for sample in samples:
             sample = dict(sample)
             key = str(sample.pop("__key__", f"{count:09d}"))
@@ -332,18 +337,25 @@ def write_shards(samples: Iterable[dict[str, Any]], out: str, shard_bytes: int =
             if tar is None or tar.fileobj.tell() + len(data) > shard_bytes:
                 if tar is not None:
                     tar.close()
-                tar = tarfile.open(os.path.join(out, pattern.format(shard)), "w", format=tarfile.USTAR_FORMAT)
-                shard += 1
+                name = f"shard-{len(os.listdir(tmp)):06d}.tar"
+                tar = tarfile.open(os.path.join(tmp, name), "w", format=tarfile.USTAR_FORMAT)
             info = tarfile.TarInfo(f"{key}.json")
             info.size, info.mode, info.mtime = len(data), 0o644, 0
             tar.addfile(info, io.BytesIO(data))
             count += 1
-    finally:
         if tar is not None:
             tar.close()
-    if count == 0:
-        raise ValueError("the corpus has no samples")
-    index_shards(out)
+        if count == 0:
+            raise ValueError("the corpus has no samples")
+        index_shards(tmp)
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty, checked above
+        os.rename(tmp, out)  # file mtimes survive the rename: the manifest stays valid
+    except BaseException:
+        if tar is not None:
+            tar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return count
 
 

@@ -87,6 +87,20 @@ def test_index_gives_dense_ids_and_exact_bytes(tmp_path, shards, capsys):
     assert WdsIndex.open(os.path.dirname(shards)).fingerprint == index.fingerprint  # the folder form
 
 
+def test_prepare_format_wds_writes_indexed_shards_and_an_empty_table(tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"line {i}", "label": i % 2}) + "\n" for i in range(50)))
+    out = str(tmp_path / "out")
+    assert cli.main(["prepare", str(corpus), out, "--format", "wds", "--shard-size", "4096"]) == 0
+    assert "wrote 50 samples" in capsys.readouterr().out
+    ds = TEDWebDataset(out, ted=CFG, decode=lambda raw: json.loads(raw["json"]))
+    assert len(ds.index.shards) > 1 and ds.table.scored.sum() == 0  # several shards, an empty table
+    assert ds.table.fingerprint == ds.index.fingerprint
+    assert [ds[i]["text"] for i in (0, 49)] == ["line 0", "line 49"]
+    assert cli.main(["prepare", str(corpus), out, "--format", "wds"]) == 2  # never into a used folder
+    assert "is not empty" in capsys.readouterr().err
+
+
 def test_manifest_refuses_added_removed_and_changed_shards(tmp_path, shards):
     folder = os.path.dirname(shards)
     scored(shards)  # a table bound to this fingerprint
@@ -144,8 +158,8 @@ def test_no_member_path_leads_outside_the_folder(tmp_path):
     out = tmp_path / "written"
     with pytest.raises(ValueError, match=r"__key__='../escaped' is not a plain name"):
         wds_index.write_shards(iter([{"__key__": "../escaped", "text": "hi"}]), str(out))
-    assert sorted(os.listdir(tmp_path)) == ["shards", "written"]
-    assert os.listdir(out) == [] and sorted(os.listdir(evil)) == ["a.tar"]  # no manifest either
+    assert sorted(os.listdir(tmp_path)) == ["shards"]  # nothing written, the partial folder removed
+    assert sorted(os.listdir(evil)) == ["a.tar"]  # no manifest either
 
 
 def test_compressed_shards_are_refused(tmp_path):

@@ -88,6 +88,7 @@ class TEDWebDataset(torch.utils.data.Dataset):
         self._epoch: Optional[int] = None  # the epoch last frozen (or resumed)
         self._resume: Optional[tuple[int, int]] = None  # (epoch, samples this rank already consumed)
         self._order: dict[int, np.ndarray] = {}  # the last epoch asked for -> this rank's ids, in order
+        self._boosted: Optional[tuple[int, Optional[np.ndarray], float]] = None  # see _weight
 
     def close(self) -> None:
         """Close the shard files this process opened (they reopen on the next read)."""
@@ -147,6 +148,17 @@ class TEDWebDataset(torch.utils.data.Dataset):
                            f"call start_epoch({epoch}) before reading it")
         return mask
 
+    def _weight(self, epoch: int, sample_id: int) -> float:
+        """``ted_weight`` of a kept sample, from the epoch's boost bits unpacked once per epoch
+        (``EpochMask.weights`` builds arrays per call: a tenth of a sample's read time)."""
+        if self._boosted is None or self._boosted[0] != epoch:
+            mask = self._mask(epoch)
+            bits = None if mask.boost is None else np.unpackbits(mask.boost, bitorder="little",
+                                                                 count=self.num_samples).astype(bool)
+            self._boosted = (epoch, bits, mask.boost_weight)
+        _, bits, weight = self._boosted
+        return weight if bits is not None and bits[sample_id] else 1.0
+
     def _keep_bools(self, epoch: int) -> np.ndarray:
         return np.unpackbits(self._mask(epoch).keep, bitorder="little", count=self.num_samples).astype(bool)
 
@@ -197,7 +209,7 @@ class TEDWebDataset(torch.utils.data.Dataset):
                 raise
             sample_id, sample = self._substitute(error, epoch)
         sample["ted_id"] = sample_id
-        sample["ted_weight"] = float(mask.weights([sample_id])[0]) if mask is not None else 1.0
+        sample["ted_weight"] = self._weight(epoch, sample_id) if mask is not None else 1.0
         return sample
 
     def _load(self, sample_id: int) -> dict[str, Any]:
@@ -314,9 +326,7 @@ class TEDWebDataset(torch.utils.data.Dataset):
         """
         def select(samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
             epoch = self._current_epoch()
-            mask, keep = self._mask(epoch), self._keep_bools(epoch)
-            boosted = (np.zeros(len(keep), bool) if mask.boost is None else
-                       np.unpackbits(mask.boost, bitorder="little", count=len(keep)).astype(bool))
+            keep = self._keep_bools(epoch)
             slot, slots = self._slot()
             per_shard = self._kept_per_shard(epoch)
             counts = [int(per_shard[s].sum()) for s in self._slot_shards(epoch, slots)]
@@ -331,8 +341,7 @@ class TEDWebDataset(torch.utils.data.Dataset):
                                         f"manifest of {self.index.folder}: re-run ted-stream index")
                 if not keep[sample_id]:
                     continue
-                sample["ted_id"] = sample_id  # no per-sample numpy call here: this runs once per tar sample
-                sample["ted_weight"] = mask.boost_weight if boosted[sample_id] else 1.0
+                sample["ted_id"], sample["ted_weight"] = sample_id, self._weight(epoch, sample_id)
                 if len(repeats) < quota - counts[slot]:
                     repeats.append(dict(sample))
                 yield sample
