@@ -203,18 +203,23 @@ class TEDProtocol:
         return min((self.epoch + self.micro / max(self.steps, 1)) / self.epochs, 1.0)
 
     # ---- checkpoints ---------------------------------------------------------------------------
-    def checkpoint(self, folder: str, loader: Any = None) -> dict[str, Any]:
+    def checkpoint(self, folder: str, loader: Any = None, *, skip_finished_epoch: bool = False) -> dict[str, Any]:
         """Merge every rank's scores, persist the table and copy it into ``folder`` (global rank
         0 writes); a collective. Returns the protocol's state, with the loader's when given:
-        store it with the checkpoint and pass it to ``restore``."""
+        store it with the checkpoint and pass it to ``restore``. See ``state_dict`` for
+        ``skip_finished_epoch``."""
         self.flush()
         self.dataset.save_table()
         if dist.rank() == 0:
             os.makedirs(folder, exist_ok=True)
             _copy_atomic(self.dataset.table_path, os.path.join(folder, TABLE_FILE))
-        return self.state_dict(loader)
+        return self.state_dict(loader, skip_finished_epoch=skip_finished_epoch)
 
-    def state_dict(self, loader: Any = None) -> dict[str, Any]:
+    def state_dict(self, loader: Any = None, *, skip_finished_epoch: bool = False) -> dict[str, Any]:
+        """The protocol's state (and the loader's, when given). At the last step of an epoch
+        streaming resumes into that epoch's empty rest, where a loop closes it as usual;
+        ``skip_finished_epoch`` resumes at the next epoch's start instead, for loops that stop
+        on an empty epoch (the Hugging Face Trainer does)."""
         if self._ids or self._batch is not None:
             raise RuntimeError("state_dict() with scores not yet in the table: call checkpoint(), which flushes")
         state: dict[str, Any] = {
@@ -225,14 +230,12 @@ class TEDProtocol:
             else self.scorer.reference.detach().cpu(),
         }
         if loader is not None:
-            state["loader"] = self._loader_state(loader)
+            state["loader"] = self._loader_state(loader, skip_finished_epoch)
         return state
 
-    def _loader_state(self, loader: Any) -> dict[str, Any]:
+    def _loader_state(self, loader: Any, skip_finished_epoch: bool) -> dict[str, Any]:
         state = loader.state_dict()
-        if self.epoch >= 0 and self.micro >= self.steps and state["epoch"] == self.epoch:
-            # At the end of an epoch streaming would resume into that epoch's (empty) rest; a
-            # trainer that stops on an empty epoch (the HF Trainer does) must resume the next one.
+        if skip_finished_epoch and self.epoch >= 0 and self.micro >= self.steps and state["epoch"] == self.epoch:
             ted = dict(state["ted"], epoch=self.epoch + 1, mask_crc=None)
             state = dict(state, epoch=self.epoch + 1, sample_in_epoch=0, ted=ted)
         return state

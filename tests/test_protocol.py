@@ -69,8 +69,8 @@ class Run:
                     return
             self.rows.append(self.ted.end_epoch())
 
-    def save(self, folder):
-        state = self.ted.checkpoint(str(folder), self.loader)
+    def save(self, folder, skip_finished_epoch=False):
+        state = self.ted.checkpoint(str(folder), self.loader, skip_finished_epoch=skip_finished_epoch)
         torch.save({"model": self.model.state_dict(), "opt": self.opt.state_dict(), "ted": state}, folder / "ck.pt")
 
     def load(self, folder):
@@ -169,14 +169,17 @@ def test_pruning_weights_and_saved_fraction(data, tmp_path):
     close(run)
 
 
-@pytest.mark.parametrize("stop", [11, 12], ids=["mid-epoch", "epoch-end"])
-def test_checkpoint_resumes_exactly(data, tmp_path, stop):
+@pytest.mark.parametrize("stop,skip", [(11, False), (12, False), (12, True)],
+                         ids=["mid-epoch", "epoch-end", "epoch-end-skipped"])
+def test_checkpoint_resumes_exactly(data, tmp_path, stop, skip):
     """Checkpoint after `stop` micro-steps (12 = the last step of epoch 1, whose 32 kept samples
-    make 4 steps), then a new process-like setup resumes: same ids, masks and final table."""
+    make 4 steps), then a new process-like setup resumes: same ids, masks and final table. At an
+    epoch end the resumed loop closes the finished epoch (its empty rest), or with
+    skip_finished_epoch starts the next one."""
     ref = Run(data, tmp_path / "ref", flush_every=4)
     ck = tmp_path / "ck"
     ck.mkdir()
-    ref.train(on_step=lambda r: len(r.ids) == stop and r.save(ck))
+    ref.train(on_step=lambda r: len(r.ids) == stop and r.save(ck, skip))
     ref_table = ScoreTable.load(ref.ds.table_path)
     assert ScoreTable.load(str(ck / TABLE_FILE)).scored.sum() > 0
     ids_ref, rows_ref = ref.ids, ref.rows
@@ -186,7 +189,7 @@ def test_checkpoint_resumes_exactly(data, tmp_path, stop):
     # resume in the same table folder, which holds the finished run's later scores and masks
     run = Run(data, tmp_path / "ref", flush_every=4)
     run.load(ck)
-    assert run.ds.next_streaming_epoch() == (1 if stop == 11 else 2)
+    assert run.ds.next_streaming_epoch() == (2 if skip else 1)
     run.train()
     assert run.ids == ids_ref[stop:]
     assert run.rows == [r for r in rows_ref if r["epoch"] >= run.rows[0]["epoch"]]

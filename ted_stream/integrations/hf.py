@@ -111,7 +111,8 @@ class TEDCallback(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        saved = self.trainer.ted.checkpoint(folder, self.trainer.get_train_dataloader())
+        # The Trainer stops at an empty epoch: a checkpoint at an epoch's end resumes the next one.
+        saved = self.trainer.ted.checkpoint(folder, self.trainer.get_train_dataloader(), skip_finished_epoch=True)
         if dist.rank() == 0:
             torch.save(saved, os.path.join(folder, STATE_FILE))
 
