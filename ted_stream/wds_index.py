@@ -16,6 +16,7 @@ This module imports neither torch nor webdataset: ``ted-stream index`` stays lig
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import json
@@ -25,6 +26,8 @@ import shutil
 import tarfile
 import tempfile
 from typing import Any, Iterable, Optional, Sequence, Union
+
+import numpy as np
 
 from .table import current_umask
 
@@ -187,6 +190,24 @@ class WdsIndex:
     def __init__(self, folder: str, manifest: dict[str, Any]):
         self.folder = folder
         self.shards: list[dict[str, Any]] = manifest["shards"]
+        # Compact in memory: numpy arrays instead of the JSON's nested lists (655 -> about 130
+        # bytes per sample, and forked workers share the pages: no refcount writes into them).
+        seen: dict[tuple[str, ...], int] = {}  # distinct field lists (in member order) -> number
+        for shard in self.shards:
+            members = shard.pop("members")
+            if len(members) != len(shard["keys"]) or len(shard["spans"]) != len(shard["keys"]):
+                raise ValueError(f"shard {shard['name']}: {len(shard['keys'])} keys but {len(shard['spans'])} "
+                                 f"spans and {len(members)} member lists")
+            width = max((len(m) for m in members), default=0)
+            shard["spans"] = np.asarray(shard["spans"], np.int64).reshape(-1, 2)
+            shard["layout"] = np.array([seen.setdefault(tuple(f for f, _, _ in m), len(seen)) for m in members],
+                                       np.int32)
+            shard["offsets"] = np.zeros((len(members), width), np.int64)
+            shard["sizes"] = np.zeros((len(members), width), np.int64)
+            for j, m in enumerate(members):
+                shard["offsets"][j, :len(m)] = [o for _, o, _ in m]
+                shard["sizes"][j, :len(m)] = [n for _, _, n in m]
+        self._layouts: list[tuple[str, ...]] = sorted(seen, key=seen.__getitem__)
         counts = [len(s["keys"]) for s in self.shards]
         self.starts = [0]
         for c in counts:
@@ -252,19 +273,21 @@ class WdsIndex:
         """(shard number, sample number within the shard) of a global sample id."""
         if not 0 <= sample_id < self.num_samples:
             raise IndexError(f"sample id {sample_id} is out of range: expected [0, {self.num_samples})")
-        lo, hi = 0, len(self.shards)
-        while hi - lo > 1:  # bisect over shard starts
-            mid = (lo + hi) // 2
-            if self.starts[mid] <= sample_id:
-                lo = mid
-            else:
-                hi = mid
-        return lo, sample_id - self.starts[lo]
+        shard = bisect.bisect_right(self.starts, sample_id) - 1
+        return shard, sample_id - self.starts[shard]
 
-    def span_bytes(self, sample_id: int) -> int:
+    def span(self, sample_id: int) -> tuple[str, int, int]:
+        """(shard name, first byte, end byte) of the sample: its members' headers and data."""
         s, j = self.locate(sample_id)
-        a, b = self.shards[s]["spans"][j]
-        return b - a
+        start, end = self.shards[s]["spans"][j]
+        return self.shards[s]["name"], int(start), int(end)
+
+    def members(self, sample_id: int) -> list[tuple[str, int, int]]:
+        """``(field, data offset, data size)`` of each member of the sample, in tar order."""
+        s, j = self.locate(sample_id)
+        shard = self.shards[s]
+        fields = self._layouts[shard["layout"][j]]
+        return [(f, int(o), int(n)) for f, o, n in zip(fields, shard["offsets"][j], shard["sizes"][j])]
 
     def sample_id(self, shard: str, key: str) -> Optional[int]:
         """The id of ``key`` in the shard named ``shard`` (None if not indexed there). Key tables are
@@ -283,30 +306,29 @@ class WdsIndex:
         checked (checksum, size) so a damaged shard raises CorruptSample naming shard and key.
         """
         s, j = self.locate(sample_id)
-        shard = self.shards[s]
-        key = shard["keys"][j]
-        start, end = shard["spans"][j]
-        f = files.get(shard["name"]) if files is not None else None
+        name, key = self.shards[s]["name"], self.shards[s]["keys"][j]
+        _, start, end = self.span(sample_id)
+        f = files.get(name) if files is not None else None
         if f is None:
-            f = open(os.path.join(self.folder, shard["name"]), "rb")
+            f = open(os.path.join(self.folder, name), "rb")
             if files is not None:
-                files[shard["name"]] = f
+                files[name] = f
         try:
             buf = os.pread(f.fileno(), end - start, start)
         finally:
             if files is None:
                 f.close()
         if len(buf) != end - start:
-            raise CorruptSample(shard["name"], key, sample_id, f"short read: {len(buf)} of {end - start} bytes")
-        sample: dict[str, Any] = {"__key__": key, "__shard__": shard["name"]}
-        for field, offset, size in shard["members"][j]:
+            raise CorruptSample(name, key, sample_id, f"short read: {len(buf)} of {end - start} bytes")
+        sample: dict[str, Any] = {"__key__": key, "__shard__": name}
+        for field, offset, size in self.members(sample_id):
             at = offset - start
             try:
                 info = tarfile.TarInfo.frombuf(buf[at - _BLOCK: at], "utf-8", "surrogateescape")
             except tarfile.HeaderError as e:
-                raise CorruptSample(shard["name"], key, sample_id, f"member {field!r}: bad tar header ({e})") from None
+                raise CorruptSample(name, key, sample_id, f"member {field!r}: bad tar header ({e})") from None
             if info.size != size:
-                raise CorruptSample(shard["name"], key, sample_id,
+                raise CorruptSample(name, key, sample_id,
                                     f"member {field!r}: header says {info.size} bytes, the manifest {size}")
             sample[field] = buf[at: at + size]
         return sample

@@ -204,8 +204,7 @@ def test_exact_path_reads_only_kept_bytes(shards, monkeypatch):
         (os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), off, n)) or real(fd, n, off))
     served = {i for b in exact_epoch(ds) for i in b}
     index = ds.index
-    spans = {(shard["name"], a, b - a): index.starts[s] + j for s, shard in enumerate(index.shards)
-             for j, (a, b) in enumerate(shard["spans"])}
+    spans = {(name, start, end - start): i for i in range(N) for name, start, end in [index.span(i)]}
     read_ids = {spans[r] for r in reads}  # every read is exactly one sample's span
     assert read_ids == served == set(ds.kept_ids(1).tolist())
     assert len(reads) == len(ds.sampler)
@@ -273,16 +272,14 @@ def test_corrupt_member_is_reported_and_the_epoch_goes_on(shards):
     ds = dataset(shards)
     ds.start_epoch(0)  # all data: 240 samples
     index = ds.index
-    victim, shard = 47, index.shards[1]
-    header_at = shard["members"][victim - PER_SHARD][0][1] - 512  # the first member's header block
-    path = os.path.join(index.folder, shard["name"])
-    with open(path, "r+b") as f:
+    victim = 47
+    header_at = index.members(victim)[0][1] - 512  # the first member's header block
+    with open(os.path.join(index.folder, index.span(victim)[0]), "r+b") as f:
         f.seek(header_at + 148)  # the header checksum field
         f.write(b"999999")
     decode_victim = 130  # bytes that pass the tar checks but not the decoder
-    shard3 = index.shards[3]
-    field, offset, size = next(m for m in shard3["members"][decode_victim - 3 * PER_SHARD] if m[0] == "json")
-    with open(os.path.join(index.folder, shard3["name"]), "r+b") as f:
+    field, offset, size = next(m for m in index.members(decode_victim) if m[0] == "json")
+    with open(os.path.join(index.folder, index.span(decode_victim)[0]), "r+b") as f:
         f.seek(offset)
         f.write(b"{" * size)
     with pytest.raises(CorruptSample, match="shard data-000001.tar, key 'k00047' .*bad tar header"):
