@@ -28,7 +28,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))  # ted_stream from a source checkout, too
 
-from ted_stream.config import READINGS, read_block  # noqa: E402,F401  (numpy only; READINGS re-exported)
+from ted_stream import config as ted_config  # noqa: E402  (numpy only: no torch yet)
+from ted_stream.config import READINGS  # noqa: E402,F401  (re-exported for tests)
 
 DEFAULT_CONFIG = os.path.join(HERE, "configs", "zero2.json")
 TABLE_IN_CHECKPOINT = "ted_table.tedt"
@@ -42,22 +43,12 @@ class ConfigError(ValueError):
 def split_config(raw: dict[str, Any], epochs: int) -> tuple[dict[str, Any], Any, dict[str, Any]]:
     """(DeepSpeed config without "ted", TEDConfig, scorer settings) from a loaded JSON config.
 
-    Raises ConfigError naming any unknown, ill-typed or invalid key (ted_stream.config.read_block).
+    Raises ConfigError naming any unknown, ill-typed or invalid key (ted_stream.config.split_config).
     """
-    ds_config = dict(raw)
-    block = ds_config.pop("ted", None)
-    if block is not None and not isinstance(block, dict):
-        raise ConfigError(f'"ted" must be a JSON object, got {type(block).__name__}')
-    block = dict(block or {})
-    if block.get("epochs") is not None and block["epochs"] != epochs:
-        raise ConfigError(f'"ted.epochs" = {block["epochs"]} but the run has --epochs {epochs}; '
-                          "drop one of them or make them agree")
-    block["epochs"] = epochs
     try:
-        ted, scorer = read_block(block)
+        return ted_config.split_config(raw, epochs)
     except ValueError as e:
-        raise ConfigError(f'invalid "ted" block: {e}') from None
-    return ds_config, ted, scorer
+        raise ConfigError(str(e)) from None
 
 
 def load_config(args: argparse.Namespace) -> tuple[dict[str, Any], Any, dict[str, Any]]:
