@@ -7,9 +7,10 @@ of this process (``time.process_time``) as well as wall seconds: on a shared mac
 clock measures the neighbours too, the CPU time mostly does not.
 
 * pruning off: samples per CPU second of plain webdataset (tarfile_to_samples -> decode -> batched), the
-  streaming path (the same plus TED's shard dealing and selection stage) and the exact path
-  (DataLoader over the map-style dataset and its sampler);
-* pruning on: epoch CPU time of both TED paths at 30/50/70% pruned relative to their own time with
+  streaming path (the same plus TED's shard dealing and selection stage), the streaming path with
+  ``wds_read()`` in place of webdataset's tar reader, and the exact path (DataLoader over the
+  map-style dataset and its sampler);
+* pruning on: epoch CPU time of the TED paths at 30/50/70% pruned relative to their own time with
   nothing pruned, and the bytes each epoch read from the shards (``rchar`` of /proc/self/io: bytes
   returned by read calls, page cache included) as a fraction of the pruned samples' bytes.
 
@@ -75,9 +76,11 @@ def plain_epoch(pattern: str, batch: int) -> Callable[[], int]:
     return run
 
 
-def streaming_epoch(ds: TEDWebDataset, batch: int) -> Callable[[], int]:
+def streaming_epoch(ds: TEDWebDataset, batch: int, seek: bool = False) -> Callable[[], int]:
+    """The streaming path; ``seek``: ``ds.wds_read()`` in place of webdataset's tar reader."""
     def run() -> int:
-        pipe = wds.DataPipeline(ds.wds_shards(), wds.tarfile_to_samples(), ds.wds_select(), wds.map(decode),
+        reader = ds.wds_read() if seek else wds.tarfile_to_samples()
+        pipe = wds.DataPipeline(ds.wds_shards(), reader, ds.wds_select(), wds.map(decode),
                                 wds.batched(batch, collation_fn=list))
         return sum(len(b) for b in pipe)
     return run
@@ -139,6 +142,7 @@ def run(args: argparse.Namespace, folder: str) -> dict[str, Any]:
     variants: dict[str, Callable[[], int]] = {"plain webdataset": plain_epoch(pattern, args.batch)}
     for fraction, ds in datasets.items():
         variants[f"streaming {fraction:.0%}"] = streaming_epoch(ds, args.batch)
+        variants[f"streaming+wds_read {fraction:.0%}"] = streaming_epoch(ds, args.batch, seek=True)
         variants[f"exact {fraction:.0%}"] = exact_epoch(ds, args.batch)
     shard_bytes = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".tar"))
     runs: dict[str, list[tuple[float, float, int, int]]] = {k: [] for k in variants}
@@ -164,7 +168,7 @@ def run(args: argparse.Namespace, folder: str) -> dict[str, Any]:
         span_bytes = np.array([end - start for _, start, end in map(ds.index.span, range(n))])
         kept_bytes = int(span_bytes[kept].sum())
         pruned_bytes = int(span_bytes.sum()) - kept_bytes
-        for path in ("streaming", "exact"):
+        for path in ("streaming", "streaming+wds_read", "exact"):
             name = f"{path} {fraction:.0%}"
             entry = results[name]
             entry["kept_fraction"] = round(len(kept) / n, 4)
@@ -175,7 +179,7 @@ def run(args: argparse.Namespace, folder: str) -> dict[str, Any]:
                 entry["pruned_bytes_read_fraction"] = round(
                     min(1.0, max(0, entry["bytes_read"] - kept_bytes) / pruned_bytes), 3)
     plain = results["plain webdataset"]["samples_per_cpu_s"]
-    for path in ("streaming", "exact"):
+    for path in ("streaming", "streaming+wds_read", "exact"):
         results[f"{path} 0%"]["vs_plain"] = round(results[f"{path} 0%"]["samples_per_cpu_s"] / plain, 3)
     return {
         "command": "python launch/bench_wds.py " + " ".join(

@@ -276,6 +276,13 @@ class WdsIndex:
         shard = bisect.bisect_right(self.starts, sample_id) - 1
         return shard, sample_id - self.starts[shard]
 
+    def shard_ids(self, shard: str) -> range:
+        """The sample ids of the shard named ``shard``."""
+        i = self._shard_number.get(shard)
+        if i is None:
+            raise ManifestError(f"shard {shard} is not in the manifest of {self.folder}: re-run ted-stream index")
+        return range(self.starts[i], self.starts[i + 1])
+
     def span(self, sample_id: int) -> tuple[str, int, int]:
         """(shard name, first byte, end byte) of the sample: its members' headers and data."""
         s, j = self.locate(sample_id)

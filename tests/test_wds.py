@@ -295,8 +295,8 @@ def test_corrupt_member_is_reported_and_the_epoch_goes_on(shards):
 
 
 # ---- the streaming path ------------------------------------------------------------------------
-def stream_epoch(ds, workers=2):
-    pipe = wds.DataPipeline(ds.wds_shards(), wds.tarfile_to_samples(), ds.wds_select(),
+def stream_epoch(ds, workers=2, reader=None):
+    pipe = wds.DataPipeline(ds.wds_shards(), reader or wds.tarfile_to_samples(), ds.wds_select(),
                             wds.decode(partial=True), wds.batched(BATCH))
     loader = wds.WebLoader(pipe, batch_size=None, num_workers=workers)
     return [(list(map(int, b["ted_id"])), list(b["ted_weight"]), [int(c) for c in b["cls"]]) for b in loader]
@@ -317,6 +317,20 @@ def test_streaming_path_drops_pruned_ids_and_equalises_ranks(shards):
     for ids, weights, cls in (b for batches in per_rank for b in batches):
         assert weights == pytest.approx(mask.weights(ids).tolist())
         assert cls == [i % 3 for i in ids]  # decoded after the stage, fields intact
+
+
+def test_streaming_reader_reads_only_kept_samples_and_yields_the_same_batches(shards, monkeypatch):
+    scored(shards)
+    ds = dataset(shards, rank=1, world_size=2, decode=None)
+    ds.start_epoch(1)
+    expected = stream_epoch(ds, workers=0)  # webdataset's own tar reader
+    reads = []
+    real = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, off: reads.append(n) or real(fd, n, off))
+    assert stream_epoch(ds, workers=0, reader=ds.wds_read()) == expected
+    served = {i for ids, _, _ in expected for i in ids}
+    assert len(reads) == len(served)  # one read per kept sample of this rank's shards, none pruned
+    assert sum(reads) == sum(end - start for _, start, end in map(ds.index.span, served))
 
 
 # ---- torch.distributed: one mask for every rank -----------------------------------------------

@@ -9,7 +9,8 @@ Two ways to read the same indexed shards (``ted-stream index``), one score table
   exactly mid-epoch;
 * the streaming path: ``wds_shards()`` and ``wds_select()``, stages of a webdataset pipeline that
   deal the shards over ranks x workers and drop the pruned samples by id before decoding. Tar
-  shards are read front to back there, so pruned samples' bytes are still read (not decoded);
+  shards are read front to back there, so pruned samples' bytes are still read (not decoded),
+  unless ``wds_read()`` replaces ``tarfile_to_samples()`` (local shards: only kept spans are read);
   every worker of every rank yields the same count (the largest share, padded with its own kept
   samples), so every rank gets the same number of batches.
 
@@ -313,6 +314,29 @@ class TEDWebDataset(torch.utils.data.Dataset):
             for s in self._slot_shards(self._current_epoch(), slots)[slot]:
                 yield {"url": os.path.join(self.index.folder, self.index.shards[s]["name"])}
         return source
+
+    def wds_read(self) -> Callable[[Iterator[dict[str, str]]], Iterator[dict[str, Any]]]:
+        """In place of ``webdataset.tarfile_to_samples()`` when the shards are local files: reads
+        only the samples kept this epoch, one ``pread`` of each one's byte span (headers checked),
+        and yields them as webdataset's raw samples (``__key__``, ``__url__``, field bytes), in tar
+        order. Follow it with ``wds_select()`` as usual. A corrupt sample is reported
+        (CorruptSampleWarning) and skipped; ``wds_select`` pads the worker's count."""
+        def read(sources: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
+            keep = self._keep_bools(self._current_epoch())
+            for source in sources:
+                url = source["url"]
+                for sample_id in self.index.shard_ids(os.path.basename(url)):
+                    if not keep[sample_id]:
+                        continue
+                    try:
+                        raw = self.index.read(sample_id, self._files)
+                    except CorruptSample as error:
+                        warnings.warn(f"{error}; skipped", CorruptSampleWarning, stacklevel=2)
+                        continue
+                    del raw["__shard__"]
+                    raw["__url__"] = url
+                    yield raw
+        return read
 
     def wds_select(self) -> Callable[[Iterator[dict[str, Any]]], Iterator[dict[str, Any]]]:
         """The stage after ``webdataset.tarfile_to_samples()`` and before decoding: drops the
