@@ -2,8 +2,8 @@
 
 A predicate is evaluated once over the whole dataset and its result cached beside the score
 table, in a file named after the dataset fingerprint and the predicate's identity (its code,
-constants, defaults and closure values), so a changed predicate or dataset never reuses a stale
-result.
+constants, defaults, captured values and the globals it reads), so a changed predicate or dataset
+never reuses a stale result.
 """
 from __future__ import annotations
 

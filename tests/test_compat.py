@@ -272,11 +272,13 @@ def test_filter_composes_with_pruning_and_resumes(data, tmp_path, method, monkey
     gc.collect()
 
 
-def test_keep_list_filter(data):
+def test_keep_list_filter(data, tmp_path):
     ds = make(TEDStreamingDataset, data, "one", sample_filter=np.arange(0, 300, 3))
     assert sorted(s["ted_id"] for s in ds) == list(range(0, 300, 3))
     with pytest.raises(ValueError, match=r"keep-list holds ids in \[0, 300\]: expected ids in \[0, 300\)"):
         make(TEDStreamingDataset, data, "one", sample_filter=[0, 300])
+    with pytest.raises(ValueError, match=r"sample_filter=<function .*<lambda> at .*> keeps none of the 300 samples"):
+        make(TEDStreamingDataset, data, "one", sample_filter=lambda s: False, table_dir=str(tmp_path))
     del ds
     gc.collect()
 

@@ -109,8 +109,12 @@ class TEDStreamingDataset(StreamingDataset):
             self.table = ScoreTable(self.num_samples, fingerprint, ted.ema, path=self.table_path)
         self.table.ema = ted.ema
         self.table.bind(ted.run_identity())  # refuses masks frozen under another configuration
-        self._filter = None if sample_filter is None else EpochMask.from_bools(
-            -1, self._resolve_filter(sample_filter, table_dir))
+        self._filter: Optional[EpochMask] = None  # static keep bits (epoch -1: every epoch)
+        if sample_filter is not None:
+            self._filter = EpochMask.from_bools(-1, self._resolve_filter(sample_filter, table_dir))
+            if self._filter.kept == 0:
+                raise ValueError(f"sample_filter={sample_filter!r} keeps none of the {self.num_samples} "
+                                 "samples: expected a filter that keeps at least one")
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self._epoch: Optional[int] = None  # the epoch last frozen or resumed (main process)
         self._iter_epoch: Optional[int] = None  # the epoch this copy is iterating (workers)
