@@ -242,7 +242,9 @@ def test_filter_composes_with_pruning_and_resumes(data, tmp_path, method, monkey
     assert set(seen0) <= allowed and len(seen0) == len(set(seen0)) > 0.8 * len(allowed)
     assert method != "random" or set(seen0) == allowed
     ds.record(seen0, np.sin(np.array(seen0) * 1.7))
+    assert len(ds) == len(allowed)  # epoch 1 before it is frozen: the filter alone
     mask = ds.start_epoch(1)
+    assert len(ds) == mask.kept
     kept = set(ds.kept_ids(1).tolist())
     assert kept < allowed and len(kept) == mask.kept >= len(allowed) // 2
     loader = StreamingDataLoader(ds, batch_size=BATCH)

@@ -318,6 +318,7 @@ class TEDStreamingDataset(StreamingDataset):
             mask = self._broadcast_mask(epoch, mask)
         self.table.masks[epoch] = mask
         self._implicit.pop(epoch, None)
+        self._kept_sizes.pop(epoch, None)  # with a filter, len() may have counted it unfrozen
         self._iter_epoch = None  # a resumed epoch may have been resolved before this freeze
         self._epoch = epoch
         self.save_table()  # nothing left to merge: sync above
