@@ -157,6 +157,10 @@ def test_mixture_and_remote_table_homes(data, tmp_path):
     again = TEDStreamingDataset(remote=str(remote), local=str(tmp_path / "cache1"), batch_size=BATCH, ted=CFG)
     assert again.table.scored.sum() == 30
     again.save_table()  # the local copy is the installed one: no "rewritten by another process"
+    mix = [SimpleNamespace(remote="s3://bucket/a", local="/cache/a", split="train"),
+           SimpleNamespace(remote=None, local="/data/b", split=None)]
+    assert table_home(mix, digest) == (f"/cache/a/train/ted/mix-{digest[:16]}",
+                                       f"s3://bucket/a/train/ted/mix-{digest[:16]}")
     sftp = SimpleNamespace(remote="sftp://host/data", local=str(tmp_path / "x"), split=None)  # no uploader
     with pytest.raises(ValueError, match=r"remote='sftp://host/data': streaming cannot upload to sftp://, "
                                          r"so .* pass table_dir="):
