@@ -14,6 +14,8 @@ clock measures the neighbours too, the CPU time mostly does not.
   nothing pruned, and the bytes each epoch read from the shards (``rchar`` of /proc/self/io: bytes
   returned by read calls, page cache included) as a fraction of the pruned samples' bytes.
 
+The selection stage is also timed alone, over raw samples already in memory.
+
 Prints one JSON object per line and a final summary object; ``--out`` also writes it there.
 """
 from __future__ import annotations
@@ -178,6 +180,16 @@ def run(args: argparse.Namespace, folder: str) -> dict[str, Any]:
             if pruned_bytes:  # tar padding and end blocks are read too: capped at all of the pruned bytes
                 entry["pruned_bytes_read_fraction"] = round(
                     min(1.0, max(0, entry["bytes_read"] - kept_bytes) / pruned_bytes), 3)
+    # The selection stage alone, over raw samples already in memory: its own cost per sample.
+    raw = list(wds.DataPipeline(datasets[0.0].wds_shards(), wds.tarfile_to_samples()))
+    stage = []
+    for _ in range(args.repeats):
+        c0 = time.process_time()
+        for _ in datasets[0.0].wds_select()(iter(raw)):
+            pass
+        stage.append((time.process_time() - c0) / len(raw))
+    results["wds_select alone"] = {"median_cpu_us_per_sample": round(float(np.median(stage)) * 1e6, 2),
+                                   "plain_cpu_us_per_sample": round(median("plain webdataset", 1) / n * 1e6, 1)}
     plain = results["plain webdataset"]["samples_per_cpu_s"]
     for path in ("streaming", "streaming+wds_read", "exact"):
         results[f"{path} 0%"]["vs_plain"] = round(results[f"{path} 0%"]["samples_per_cpu_s"] / plain, 3)
