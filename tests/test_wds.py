@@ -5,6 +5,7 @@ import json
 import os
 import socket
 import tarfile
+import warnings
 
 import numpy as np
 import pytest
@@ -331,6 +332,30 @@ def test_streaming_reader_reads_only_kept_samples_and_yields_the_same_batches(sh
     served = {i for ids, _, _ in expected for i in ids}
     assert len(reads) == len(served)  # one read per kept sample of this rank's shards, none pruned
     assert sum(reads) == sum(end - start for _, start, end in map(ds.index.span, served))
+
+
+def test_streaming_reader_reports_a_corrupt_sample_and_keeps_rank_counts_equal(shards):
+    victim = 47
+    index = WdsIndex.open(shards)
+    path = os.path.join(index.folder, index.span(victim)[0])
+    stat = os.stat(path)
+    with open(path, "r+b") as f:
+        f.seek(index.members(victim)[0][1] - 512 + 148)  # the first member's header checksum
+        f.write(b"999999")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # bit rot: same size and mtime, so it opens
+    counts, served = [], []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for rank in range(2):
+            ds = dataset(shards, rank=rank, world_size=2, decode=None)
+            ds.start_epoch(0)  # all data
+            batches = stream_epoch(ds, workers=0, reader=ds.wds_read())
+            counts.append(sum(len(ids) for ids, _, _ in batches))
+            served += [i for ids, _, _ in batches for i in ids]
+    reports = [str(w.message) for w in caught if w.category is CorruptSampleWarning]
+    assert len(reports) == 1 and "shard data-000001.tar, key 'k00047' (sample id 47)" in reports[0]
+    assert counts[0] == counts[1]  # the corrupt sample's worker padded with one of its own
+    assert victim not in served and set(served) == set(range(N)) - {victim}  # the rest is all there
 
 
 # ---- torch.distributed: one mask for every rank -----------------------------------------------

@@ -366,13 +366,14 @@ class TEDWebDataset(torch.utils.data.Dataset):
                 if not keep[sample_id]:
                     continue
                 sample["ted_id"], sample["ted_weight"] = sample_id, self._weight(epoch, sample_id)
-                if len(repeats) < quota - counts[slot]:
+                if len(repeats) < max(1, quota - counts[slot]):  # one spare: a sample a handler skips
                     repeats.append(dict(sample))
                 yield sample
                 served += 1
             if served < quota and not repeats:
-                raise RuntimeError(f"rank {self.rank}, worker slot {slot}: no kept sample in its shards to pad "
-                                   f"{quota - served} samples with (epoch {epoch}); use fewer workers")
+                raise RuntimeError(f"rank {self.rank}, worker slot {slot}: no kept sample was read from its "
+                                   f"shards in epoch {epoch}, so nothing to pad its {quota} samples with "
+                                   "(every one pruned or unreadable); use fewer workers or more shards")
             for i in range(quota - served):  # also covers samples a webdataset handler skipped
                 yield dict(repeats[i % len(repeats)])
         return select
