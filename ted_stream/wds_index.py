@@ -400,7 +400,7 @@ def prepare_shards(samples: Iterable[dict[str, Any]], out: str, shard_bytes: int
 
 
 def index_command(args: Sequence[str]) -> str:
-    """``ted-stream index SHARDS...``: each argument a path, a brace pattern or a folder."""
+    """``ted-stream index SHARDS...``: one folder, or tar paths and brace patterns."""
     shards: Shards = args[0] if len(args) == 1 else [p for a in args for p in expand_braces(a)]
     path = index_shards(shards)
     index = WdsIndex.open(shards)

@@ -71,7 +71,7 @@ def exact_epoch(ds, workers=0):
 
 
 # ---- indexing ------------------------------------------------------------------------------------
-def test_index_gives_dense_ids_and_exact_bytes(tmp_path, shards, capsys):
+def test_index_gives_dense_ids_and_exact_bytes(shards, capsys):
     index = WdsIndex.open(shards)
     assert index.num_samples == N
     for sample_id in (0, 39, 40, 123, N - 1):
