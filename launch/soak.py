@@ -5,7 +5,8 @@
 One uninterrupted reference run, then per trial: the same job killed at a random point, then
 ``--resume``d, and compared with the reference. Kill points, drawn with ``--seed``:
   - time: a random rank, SIGKILLed from outside after a random share of the reference's duration
-    (start-up, training, checkpoint saves, epoch boundaries, evaluation: wherever it lands);
+    (start-up, training, checkpoint saves, epoch boundaries, evaluation: wherever it lands; a
+    draw that falls after the run's end is retried at half the delay, at most twice);
   - step:N / save:N / epoch:E / frozen:E: a random rank SIGKILLs itself at that point
     (train_llm.py --kill-at): after step N, inside step N's checkpoint (table saved, DeepSpeed's
     files not yet), before epoch E's score merge and mask freeze, right after it.
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -185,7 +187,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         run_dir = os.path.join(out, f"trial{i}")
         t0 = time.time()
         if point["kind"] == "time":
-            rc_kill, _, port = launch(run_dir, data_root, kill_after_s=point["after_s"], kill_rank=point["rank"])
+            # Run times vary with the machine's load: a kill drawn after the end is retried earlier.
+            for _ in range(3):
+                rc_kill, _, port = launch(run_dir, data_root, kill_after_s=point["after_s"], kill_rank=point["rank"])
+                if rc_kill != 0:
+                    break
+                shutil.rmtree(run_dir)
+                point["after_s"] = round(point["after_s"] / 2, 2)
         else:
             rc_kill, _, port = launch(run_dir, data_root, "--kill-at", point["at"], "--kill-rank", str(point["rank"]))
         left = [n for n in os.listdir("/dev/shm") if n.startswith("deepspeed_allreduce_buffer_") and f"_{port}_" in n]
