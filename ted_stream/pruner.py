@@ -2,23 +2,25 @@
 
 ``Pruner`` records scores, merges them across ranks, freezes an epoch's keep-mask (rank 0 runs the
 policy, every rank receives the same bits) and persists the table. A loader adds only what its
-format needs: which sample ids exist, and how to read and order them. Used by the WebDataset
-loader; ``TEDStreamingDataset`` keeps its own copy of these steps (it predates this module).
+format needs: which sample ids exist, how to read and order them, and how it selects (a static
+filter, say). Both loaders hold one: ``TEDWebDataset`` and ``TEDStreamingDataset``.
 """
 from __future__ import annotations
 
 import os
 import struct
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
 from . import dist
 from .config import TEDConfig
-from .policy import select
 from .table import EpochMask, ScoreTable
 
 _TAIL = struct.Struct("<dq")  # boost weight, requested count (-1: not recorded)
+
+Selector = Callable[[ScoreTable, int], EpochMask]
+"""``fn(table, epoch)``: the policy's keep-mask of ``epoch`` from ``table``'s scores."""
 
 
 def as_config(ted: Any) -> TEDConfig:
@@ -42,12 +44,15 @@ class Pruner:
     """Scores, masks and persistence of one dataset's ``ScoreTable`` at ``table_path``.
 
     An existing table must carry ``fingerprint`` (TableError otherwise) and be bound to the same
-    run configuration (see ``ScoreTable.bind``).
+    run configuration (see ``ScoreTable.bind``). ``leader``: whether this process writes the node's
+    copy of the table; default ``local_leader()``.
     """
 
-    def __init__(self, table_path: str, fingerprint: dict[str, Any], ted: TEDConfig):
+    def __init__(self, table_path: str, fingerprint: dict[str, Any], ted: TEDConfig,
+                 leader: Optional[bool] = None):
         self.ted = ted
         self.table_path = table_path
+        self.leader = local_leader() if leader is None else leader
         if os.path.exists(table_path):
             self.table = ScoreTable.load(table_path, fingerprint)
         else:
@@ -78,16 +83,17 @@ class Pruner:
         for rank_ids, rank_vals in dist.all_gather_records(ids, vals):
             self.table.record(rank_ids, rank_vals)
 
-    def freeze(self, epoch: int, granule: int, groups: Optional[np.ndarray] = None) -> EpochMask:
+    def freeze(self, epoch: int, choose: Selector) -> EpochMask:
         """The keep-mask of ``epoch``, bit-identical on every rank (collective); persisted.
 
-        A mask already in the table (a resumed run) is kept, never recomputed.
+        Rank 0 runs ``choose`` on its merged table. A mask already in the table (a resumed run)
+        is kept, never recomputed.
         """
         self.sync()
         self.table.epoch = epoch
         mask = self.table.masks.get(epoch)
         if mask is None and dist.rank() == 0:
-            mask = select(self.ted, self.table, epoch, granule, groups)
+            mask = choose(self.table, epoch)
         if dist.active():
             mask = self._broadcast(epoch, mask)
         self.table.masks[epoch] = mask
@@ -97,18 +103,25 @@ class Pruner:
     def save(self) -> None:
         """Merge scores (collective) and write the table atomically from each node's leader."""
         self.sync()
-        if local_leader():
+        if self.leader:
             self.table.save(self.table_path)
 
+    def load_file(self) -> Optional[ScoreTable]:
+        """The table file (None if there is none), whose frozen masks this table adopts: a
+        persistent DataLoader worker's copy predates later freezes by the main process."""
+        if not os.path.exists(self.table_path):
+            return None
+        disk = ScoreTable.load(self.table_path, self.table.fingerprint)
+        for epoch, mask in disk.masks.items():
+            self.table.masks.setdefault(epoch, mask)
+        return disk
+
     def mask(self, epoch: int) -> Optional[EpochMask]:
-        """The frozen mask of ``epoch``: in memory, else from the table file (a persistent
-        DataLoader worker's copy predates later freezes); None if it was never frozen."""
-        mask = self.table.masks.get(epoch)
-        if mask is None and os.path.exists(self.table_path):
-            mask = ScoreTable.load(self.table_path, self.table.fingerprint).masks.get(epoch)
-            if mask is not None:
-                self.table.masks[epoch] = mask
-        return mask
+        """The frozen mask of ``epoch``: in memory, else from the table file; None if it was
+        never frozen."""
+        if epoch not in self.table.masks:
+            self.load_file()
+        return self.table.masks.get(epoch)
 
     def _broadcast(self, epoch: int, mask: Optional[EpochMask]) -> EpochMask:
         n = self.num_samples

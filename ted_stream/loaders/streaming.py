@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import struct
 import tempfile
 import warnings
 from math import ceil
@@ -28,11 +27,11 @@ from .. import filter as sample_filters
 from ..config import TEDConfig
 from ..fingerprint import index_fingerprint
 from ..policy import PruningWarning, select
+from ..pruner import Pruner, as_config
 from ..schedule import pruned_fraction
 from ..table import FILENAME, EpochMask, ScoreTable
 
 logger = logging.getLogger(__name__)
-_TAIL = struct.Struct("<dq")  # a broadcast mask's boost weight and requested count (-1: none)
 
 
 def _local_world_size_from_deepspeed() -> None:
@@ -85,12 +84,7 @@ class TEDStreamingDataset(StreamingDataset):
     def __init__(self, *, ted: Union[TEDConfig, Mapping[str, Any], None] = None,
                  table_dir: Optional[str] = None, groups: Any = None,
                  sample_filter: Optional[sample_filters.SampleFilter] = None, **kwargs: Any) -> None:
-        if ted is None:
-            ted = TEDConfig()
-        elif isinstance(ted, Mapping):
-            ted = TEDConfig.from_dict(ted)
-        elif not isinstance(ted, TEDConfig):
-            raise TypeError(f"ted={ted!r} is invalid: expected a TEDConfig, a mapping or None")
+        ted = as_config(ted)
         _local_world_size_from_deepspeed()
         super().__init__(**kwargs)
         self.ted = ted
@@ -101,27 +95,43 @@ class TEDStreamingDataset(StreamingDataset):
         self._table_remote: Optional[str] = None
         if table_dir is None:
             table_dir, self._table_remote = table_home(self.streams, fingerprint["digest"])
-        self.table_path = os.path.join(table_dir, FILENAME)
-        self._pull_table(fingerprint, kwargs.get("download_timeout", 60.0))
-        if os.path.exists(self.table_path):
-            self.table = ScoreTable.load(self.table_path, fingerprint)
-        else:
-            self.table = ScoreTable(self.num_samples, fingerprint, ted.ema, path=self.table_path)
-        self.table.ema = ted.ema
-        self.table.bind(ted.run_identity())  # refuses masks frozen under another configuration
+        table_path = os.path.join(table_dir, FILENAME)
+        self._pull_table(table_path, fingerprint, kwargs.get("download_timeout", 60.0))
+        # The node's copy is written by the local leader as streaming counts nodes (LOCAL_WORLD_SIZE).
+        self.pruner = Pruner(table_path, fingerprint, ted, leader=self._unique_rank_world.rank_of_node == 0)
         self._filter: Optional[EpochMask] = None  # static keep bits (epoch -1: every epoch)
         if sample_filter is not None:
             self._filter = EpochMask.from_bools(-1, self._resolve_filter(sample_filter, table_dir))
             if self._filter.kept == 0:
                 raise ValueError(f"sample_filter={sample_filter!r} keeps none of the {self.num_samples} "
                                  "samples: expected a filter that keeps at least one")
-        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self._epoch: Optional[int] = None  # the epoch last frozen or resumed (main process)
         self._iter_epoch: Optional[int] = None  # the epoch this copy is iterating (workers)
         self._iter_mask: Optional[EpochMask] = None  # and its mask (None: all data, weight 1)
         self._implicit: dict[int, EpochMask] = {}  # epochs frozen without start_epoch, from the file
         self._run_granule: Optional[int] = None  # the granule of the run a checkpoint came from
         self._kept_sizes: dict[int, int] = {}
+
+    @property
+    def table(self) -> ScoreTable:
+        return self.pruner.table
+
+    @table.setter
+    def table(self, table: ScoreTable) -> None:  # TEDProtocol.restore installs a checkpoint's table
+        self.pruner.table = table
+
+    @property
+    def table_path(self) -> str:
+        return self.pruner.table_path
+
+    @property
+    def _pending(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        return self.pruner._pending
+
+    @_pending.setter
+    def _pending(self, pending: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        # TEDProtocol.restore drops the scores buffered against the table it replaces.
+        self.pruner._pending = pending
 
     @property
     def groups(self) -> Optional[NDArray[np.integer]]:
@@ -186,11 +196,9 @@ class TEDStreamingDataset(StreamingDataset):
         mask = self.table.masks.get(epoch)
         if mask is not None:
             return mask
-        if not os.path.exists(self.table_path):
+        disk = self.pruner.load_file()
+        if disk is None:
             return None
-        disk = ScoreTable.load(self.table_path, self.table.fingerprint)
-        for e, m in disk.masks.items():
-            self.table.masks.setdefault(e, m)
         mask = self.table.masks.get(epoch, self._implicit.get(epoch))
         if mask is None and pruned_fraction(self.ted, epoch) > 0 and disk.scored.any():
             mask = self._implicit[epoch] = self._select(disk, epoch)
@@ -213,12 +221,12 @@ class TEDStreamingDataset(StreamingDataset):
         return EpochMask.from_bools(epoch, keep, boost, part.boost_weight, part.requested)
 
     # ---- where the table lives -----------------------------------------------------------------
-    def _pull_table(self, fingerprint: dict[str, Any], timeout: float) -> None:
+    def _pull_table(self, path: str, fingerprint: dict[str, Any], timeout: float) -> None:
         """Install the durable remote copy of the table, if there is one, as the local copy: the
         remote wins over a cache that may be stale or gone."""
         if self._table_remote is None:
             return
-        folder = os.path.dirname(self.table_path)
+        folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
         # A private download per rank, then an atomic rename: every rank of the node installs the
         # same bytes, and no rank ever reads a half-written file.
@@ -229,7 +237,7 @@ class TEDStreamingDataset(StreamingDataset):
             return  # a new table: the first save_table uploads it
         try:
             ScoreTable.load(tmp, fingerprint)  # refuse a damaged or foreign table before installing it
-            os.replace(tmp, self.table_path)
+            os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -270,21 +278,11 @@ class TEDStreamingDataset(StreamingDataset):
         Under torch.distributed each rank records its own samples; ``sync`` (called by
         ``start_epoch``) merges them so every rank holds the same table.
         """
-        ids, scores = self.table.checked(_to_numpy(ids), _to_numpy(scores))
-        if dist.active():
-            self._pending.append((ids, scores))
-        else:
-            self.table.record(ids, scores)
+        self.pruner.record(ids, scores)
 
     def sync(self) -> None:
         """Merge every rank's recorded scores into every rank's table (collective)."""
-        if not dist.active():
-            return
-        ids = np.concatenate([p[0] for p in self._pending]) if self._pending else np.empty(0, np.int64)
-        vals = np.concatenate([p[1] for p in self._pending]) if self._pending else np.empty(0, np.float32)
-        self._pending = []
-        for rank_ids, rank_vals in dist.all_gather_records(ids, vals):
-            self.table.record(rank_ids, rank_vals)
+        self.pruner.sync()
 
     def next_streaming_epoch(self) -> int:
         """The epoch streaming iterates next: its epoch counter, or a loaded checkpoint's epoch."""
@@ -309,19 +307,12 @@ class TEDStreamingDataset(StreamingDataset):
                              f"{expected}: epochs count from 0 and advance once per pass over the loader "
                              f"(a loaded checkpoint resumes its own epoch); call start_epoch({expected})")
         self._persist_current_mask(before=epoch)  # the epoch just iterated; before the collective
-        self.sync()
-        self.table.epoch = epoch
-        mask = self.table.masks.get(epoch)
-        if mask is None and dist.rank() == 0:
-            mask = self._select(self.table, epoch)
-        if dist.active():
-            mask = self._broadcast_mask(epoch, mask)
-        self.table.masks[epoch] = mask
+        mask = self.pruner.freeze(epoch, self._select)  # merges, selects, broadcasts, saves
         self._implicit.pop(epoch, None)
         self._kept_sizes.pop(epoch, None)  # with a filter, len() may have counted it unfrozen
         self._iter_epoch = None  # a resumed epoch may have been resolved before this freeze
         self._epoch = epoch
-        self.save_table()  # nothing left to merge: sync above
+        self._push_table()
         logger.info("epoch %d: keeping %d of %d samples", epoch, mask.kept, self.table.num_samples)
         return mask
 
@@ -330,10 +321,8 @@ class TEDStreamingDataset(StreamingDataset):
         torch.distributed: call it on every rank, e.g. when checkpointing; each node's local
         leader writes; global rank 0 uploads it to the remote home, if any)."""
         self._persist_current_mask()  # before the collective: no rank reads the file after a write
-        self.sync()
-        if self._unique_rank_world.rank_of_node == 0:
-            self.table.save(self.table_path)
-            self._push_table()
+        self.pruner.save()
+        self._push_table()
 
     def _persist_current_mask(self, before: Optional[int] = None) -> None:
         # The epoch in progress (or just iterated) may have been frozen implicitly from the file
@@ -408,21 +397,6 @@ class TEDStreamingDataset(StreamingDataset):
             return self._run_granule
         return self._parallel_rank_world.num_ranks * (self.batch_size or 1)
 
-    def _broadcast_mask(self, epoch: int, mask: Optional[EpochMask]) -> EpochMask:
-        n = self.table.num_samples
-        if dist.rank() == 0:
-            boost = mask.boost if mask.boost is not None else np.empty(0, np.uint8)
-            tail = _TAIL.pack(mask.boost_weight, -1 if mask.requested is None else mask.requested)
-            payload = np.concatenate([mask.keep, boost, np.frombuffer(tail, np.uint8)])
-        else:
-            payload = None
-        data = dist.broadcast_bytes(payload)
-        nbits = (n + 7) // 8
-        boost = data[nbits:-_TAIL.size] if len(data) - _TAIL.size > nbits else None
-        weight, requested = _TAIL.unpack(data[-_TAIL.size:].tobytes())
-        return EpochMask(epoch, data[:nbits].copy(), None if boost is None else boost.copy(), weight, n,
-                         None if requested < 0 else requested)
-
 
 def _bools(packed: Any, count: Optional[int] = None) -> NDArray[np.bool_]:
     """Unpack little-order keep bits (an ``EpochMask`` or its bytes) into bools."""
@@ -435,7 +409,3 @@ def _sub_mask(mask: EpochMask, ids: NDArray[np.int64]) -> EpochMask:
     """``mask`` restricted to ``ids``, renumbered 0..len(ids)-1."""
     boost = None if mask.boost is None else _bools(mask.boost, mask.num_samples)[ids]
     return EpochMask.from_bools(mask.epoch, _bools(mask)[ids], boost, mask.boost_weight, mask.requested)
-
-
-def _to_numpy(x: Any) -> Any:
-    return x.detach().cpu().numpy() if hasattr(x, "detach") else x

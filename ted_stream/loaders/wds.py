@@ -30,6 +30,7 @@ import torch.utils.data
 
 from .. import dist
 from ..config import TEDConfig
+from ..policy import select
 from ..pruner import Pruner, as_config
 from ..table import FILENAME, EpochMask, ScoreTable
 from ..wds_index import CorruptSample, ManifestError, Shards, WdsIndex
@@ -124,7 +125,8 @@ class TEDWebDataset(torch.utils.data.Dataset):
         the sampler and the pipeline stages serve. A frozen epoch keeps its mask (resume)."""
         if not isinstance(epoch, (int, np.integer)) or isinstance(epoch, bool) or epoch < 0:
             raise ValueError(f"start_epoch: epoch={epoch!r} is invalid: expected an integer >= 0")
-        mask = self.pruner.freeze(int(epoch), self.world_size * self.batch_size, self.groups)
+        granule = self.world_size * self.batch_size
+        mask = self.pruner.freeze(int(epoch), lambda table, e: select(self.ted, table, e, granule, self.groups))
         if self._resume is not None and self._resume[0] != epoch:
             self._resume = None  # a checkpoint of another epoch says nothing about this one
         self._epoch = int(epoch)
