@@ -18,10 +18,7 @@ def inspect(folder: str, table_dir: Optional[str] = None) -> dict[str, Any]:
     """Summary of the dataset in ``folder`` and its score table."""
     path = os.path.join(table_dir or os.path.join(folder, "ted"), FILENAME)
     table = ScoreTable.load(path)
-    try:
-        matches = index_fingerprint([folder])["digest"] == table.fingerprint["digest"]
-    except FileNotFoundError:
-        matches = False
+    matches = _digest(folder) == table.fingerprint["digest"]
     scored = table.scored
     scores = table.score_array()[scored]
     epochs = {}
@@ -41,6 +38,18 @@ def inspect(folder: str, table_dir: Optional[str] = None) -> dict[str, Any]:
     }
 
 
+def _digest(folder: str) -> Optional[str]:
+    """Fingerprint digest of the dataset in ``folder``: its WebDataset manifest's, else its
+    ``index.json``'s; None without either, or when the shards no longer match their manifest."""
+    from .wds_index import MANIFEST, ManifestError, WdsIndex  # imported here: MDS folders never need it
+    try:
+        if os.path.exists(os.path.join(folder, MANIFEST)):
+            return WdsIndex.open(folder).fingerprint["digest"]
+        return index_fingerprint([folder])["digest"]
+    except (FileNotFoundError, ManifestError):
+        return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="ted-stream", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,7 +61,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     x = sub.add_parser("index", help="index WebDataset tar shards in place (writes wds-index.json beside them)")
     x.add_argument("shards", nargs="+", help="tar paths, brace patterns (data-{000000..000009}.tar) or their folder")
     i = sub.add_parser("inspect", help="summarise a dataset's score table")
-    i.add_argument("folder", help="the dataset folder (holding index.json)")
+    i.add_argument("folder", help="the dataset folder (holding index.json, or tar shards and wds-index.json)")
     i.add_argument("--table-dir", default=None, help="table folder if not <folder>/ted")
     i.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)

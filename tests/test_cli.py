@@ -64,3 +64,17 @@ def test_cli_errors_are_readable(tmp_path, capsys):
     (tmp_path / "o" / "ted" / "table.tedt").write_bytes(b"garbage")
     assert main(["inspect", str(tmp_path / "o")]) == 2
     assert "not a ted_stream score table" in capsys.readouterr().err
+
+
+def test_inspect_matches_a_webdataset_manifest(tmp_path, capsys):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"doc {i}\n" for i in range(20)))
+    out = tmp_path / "wds"
+    assert main(["prepare", str(corpus), str(out), "--format", "wds", "--shard-size", "4096"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert "20 samples, 0 scored, fingerprint matches" in capsys.readouterr().out
+    shard = sorted(out.glob("*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[:-512] + b"\1" * 512)  # same size, other bytes: another dataset
+    assert main(["inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fingerprint_matches"] is False
