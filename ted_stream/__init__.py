@@ -6,11 +6,11 @@ from .config import TEDConfig
 from .schedule import pruned_fraction
 from .table import EpochMask, ScoreTable, TableError
 
-# The loader and the scorer import streaming and torch (seconds): loaded on first use, so that
+# The loaders and the scorer import streaming and torch (seconds): loaded on first use, so that
 # `ted_stream.config` can check a launch config before anything heavy is imported.
-_LAZY = {"TEDStreamingDataset": ".loaders.streaming", "TaylorScorer": ".scorer", "Scores": ".scorer",
-         "last_layer_scores": ".scorer", "per_sample_ce": ".scorer", "per_sample_lm_loss": ".scorer",
-         "predicted_igd": ".scorer"}
+_LAZY = {"TEDStreamingDataset": ".loaders.streaming", "TEDWebDataset": ".loaders.wds", "TaylorScorer": ".scorer",
+         "Scores": ".scorer", "last_layer_scores": ".scorer", "per_sample_ce": ".scorer",
+         "per_sample_lm_loss": ".scorer", "predicted_igd": ".scorer"}
 
 
 def __getattr__(name: str) -> Any:
@@ -19,7 +19,7 @@ def __getattr__(name: str) -> Any:
     return getattr(import_module(_LAZY[name], __name__), name)
 
 
-__all__ = ["TEDConfig", "TEDStreamingDataset", "ScoreTable", "EpochMask", "TableError", "pruned_fraction",
-           "TaylorScorer", "Scores", "last_layer_scores", "per_sample_ce", "per_sample_lm_loss",
+__all__ = ["TEDConfig", "TEDStreamingDataset", "TEDWebDataset", "ScoreTable", "EpochMask", "TableError",
+           "pruned_fraction", "TaylorScorer", "Scores", "last_layer_scores", "per_sample_ce", "per_sample_lm_loss",
            "predicted_igd"]
 __version__ = "0.1.0"
