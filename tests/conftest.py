@@ -1,5 +1,6 @@
 import gc
 import os
+import socket
 
 import pytest
 
@@ -42,6 +43,13 @@ def _clean_shm(tmp_path_factory):
     yield
     gc.collect()
     _unlink_streaming_shm_under(bases)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a test's torch.distributed rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_corpus(folder, n, shard_bytes=2000):

@@ -1,17 +1,10 @@
 """start_epoch is collective: two gloo ranks end with identical tables and bit-identical masks."""
 import os
-import socket
 
 import numpy as np
 import torch.multiprocessing as mp
 
-from conftest import make_corpus
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port, make_corpus
 
 
 def _rank_main(rank, folder, port, out):
@@ -44,7 +37,7 @@ def _rank_main(rank, folder, port, out):
 
 def test_two_ranks_share_scores_and_mask(tmp_path):
     folder = make_corpus(tmp_path / "data", 200)
-    mp.spawn(_rank_main, args=(folder, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(folder, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (np.load(tmp_path / f"rank{r}.npz") for r in range(2))
     assert int(r0["lws"]) == 2  # LOCAL_WORLD_SIZE derived from LOCAL_SIZE
     assert len(set(r0["ids"]) & set(r1["ids"])) == 0

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from conftest import free_port
 from ted_stream.scorer import TaylorScorer, per_sample_lm_loss
 
 deepspeed = pytest.importorskip("deepspeed")
@@ -79,12 +79,6 @@ def _worker(rank: int, port: int, out: str) -> None:
         scorer.remove()
         engine.destroy()
     torch.save(results, Path(out) / f"rank{rank}.pt")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(out: Path, timeout_s: float = 400.0) -> None:

@@ -3,7 +3,6 @@ import gzip
 import io
 import json
 import os
-import socket
 import tarfile
 import warnings
 
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 import webdataset as wds
 from torch.utils.data import DataLoader
 
+from conftest import free_port
 from ted_stream import TEDConfig, TableError
 from ted_stream import cli, wds_index
 from ted_stream.loaders.wds import CorruptSampleWarning, TEDWebDataset
@@ -359,12 +359,6 @@ def test_streaming_reader_reports_a_corrupt_sample_and_keeps_rank_counts_equal(s
 
 
 # ---- torch.distributed: one mask for every rank -----------------------------------------------
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_main(rank, pattern, port, out):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -384,7 +378,7 @@ def _rank_main(rank, pattern, port, out):
 
 def test_two_ranks_share_scores_and_mask(shards, tmp_path):
     # fork: the children skip re-importing torch and webdataset (seconds each on a busy machine)
-    mp.start_processes(_rank_main, args=(shards, _free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    mp.start_processes(_rank_main, args=(shards, free_port(), str(tmp_path)), nprocs=2, start_method="fork")
     r0, r1 = (np.load(tmp_path / f"rank{r}.npz") for r in range(2))
     assert sorted(np.concatenate([r0["ids"], r1["ids"]]).tolist()) == list(range(N))
     np.testing.assert_array_equal(r0["keep"], r1["keep"])
