@@ -45,7 +45,7 @@ class Pruner:
 
     An existing table must carry ``fingerprint`` (TableError otherwise) and be bound to the same
     run configuration (see ``ScoreTable.bind``). ``leader``: whether this process writes the node's
-    copy of the table; default ``local_leader()``.
+    copy of the table; default ``local_leader()`` (at construction, like the loaders' ranks).
     """
 
     def __init__(self, table_path: str, fingerprint: dict[str, Any], ted: TEDConfig,
