@@ -165,7 +165,10 @@ def paired_table(done: dict[str, dict], levels: list[float]) -> list[str]:
                 continue
             dl = np.array([a["epochs"][-1]["test_loss"] - b["epochs"][-1]["test_loss"] for a, b in pairs])
             da = np.array([100 * (a["test_acc"] - b["test_acc"]) for a, b in pairs])
-            cells.append(f"{dl.mean():+.4f} ± {dl.std():.4f} / {da.mean():+.2f} ± {da.std():.2f} / {int((dl < 0).sum())} of {len(pairs)}")
+            saved = [np.mean([r["saved"] for r in side]) for side in zip(*pairs)]
+            note = f" (saves {saved[0]:.0%}, random {saved[1]:.0%})" if abs(saved[0] - saved[1]) > 0.01 else ""
+            cells.append(f"{dl.mean():+.4f} ± {dl.std():.4f} / {da.mean():+.2f} ± {da.std():.2f} / "
+                         f"{int((dl < 0).sum())} of {len(pairs)}{note}")
         if any(c != "–" for c in cells):
             lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return lines
