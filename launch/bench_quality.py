@@ -43,6 +43,8 @@ VARIANTS = {
     "ted (d, explore 0.5)": ["--policy", "ted", "--reading", "d", "--explore", "0.5"],
     "grad-norm (explore 0.5)": ["--policy", "grad-norm", "--explore", "0.5"],
     "loss (explore 0.5)": ["--policy", "loss", "--explore", "0.5"],
+    "ted (d, explore 0.7)": ["--policy", "ted", "--reading", "d", "--explore", "0.7"],
+    "ted (d, explore 0.5, trim-top 0.1)": ["--policy", "ted", "--reading", "d", "--explore", "0.5", "--trim-top", "0.1"],
     # Text (issue 15): prune a fifth of the pruned count from the highest scores (outliers,
     # likely label noise) as well as from the lowest.
     "ted (d, explore 0.5, trim-top 0.2)": ["--policy", "ted", "--reading", "d", "--explore", "0.5", "--trim-top", "0.2"],
@@ -135,7 +137,10 @@ def report(args: argparse.Namespace) -> None:
             f"Runs: {len(done)}; seeds {sorted({r['seed'] for r in done.values()})}; "
             f"{any_r['epochs_run']} epochs; training samples limited to: {any_r['limit'] or 'none'}; "
             f"lr {lr}, batch {batch}. Dates: {min(r['date'] for r in done.values())} to "
-            f"{max(r['date'] for r in done.values())}.")
+            f"{max(r['date'] for r in done.values())}. Commits: "
+            + ", ".join(f"{c[:8]}{' (uncommitted changes)' if d else ''}: {k} runs"
+                        for (c, d), k in collections.Counter((r.get("commit", "not recorded"), r.get("dirty", False))
+                                                             for r in done.values()).items()) + ".")
     plot(groups, full_mean, full_std, args.plot, args.task)
     with open(args.table, "w") as f:
         f.write("\n".join([f"# Quality grid `{args.name or args.task}` "
