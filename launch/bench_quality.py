@@ -55,10 +55,11 @@ VARIANTS = {
 
 
 def git_state() -> dict[str, object]:
-    """The commit the run used and whether the tree had uncommitted changes."""
+    """The commit the run used and whether code had uncommitted changes (docs/, where the
+    results themselves are written, does not count)."""
     def git(*a: str) -> str:
         return subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    return {"commit": git("rev-parse", "HEAD") or "unknown", "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    return {"commit": git("rev-parse", "HEAD") or "unknown", "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs"))}
 
 
 def cell_key(variant: str, level: float, seed: int) -> str:
