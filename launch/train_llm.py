@@ -32,7 +32,7 @@ from ted_stream import config as ted_config  # noqa: E402  (numpy only: no torch
 from ted_stream.config import READINGS  # noqa: E402,F401  (re-exported for tests)
 
 DEFAULT_CONFIG = os.path.join(HERE, "configs", "zero2.json")
-TABLE_IN_CHECKPOINT = "ted_table.tedt"
+TABLE_IN_CHECKPOINT = "ted_table.tedt"  # ted_stream.protocol.TABLE_FILE, which writes it
 
 
 class ConfigError(ValueError):
@@ -190,18 +190,6 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "ted_id": torch.tensor([s["ted_id"] for s in samples], dtype=torch.long),
         "ted_weight": torch.tensor([s["ted_weight"] for s in samples], dtype=torch.float32),
     }
-
-
-def pick_score(scores: Any, reading: str) -> Any:
-    if reading == "d":
-        return scores.d
-    if reading == "s":
-        return scores.s
-    if reading == "abs_s":
-        return scores.s.abs()
-    if reading == "sqnorm":
-        return scores.sqnorm
-    return scores.loss
 
 
 def filter_jsonl(path: str, keep) -> None:
@@ -463,7 +451,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from tqdm import tqdm
 
     from ted_stream import TEDStreamingDataset
-    from ted_stream.scorer import TaylorScorer, per_sample_lm_loss, predicted_igd
+    from ted_stream.protocol import TEDProtocol
+    from ted_stream.scorer import per_sample_lm_loss, predicted_igd
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(args.threads or max(1, cores // int(os.environ["LOCAL_WORLD_SIZE"])))
@@ -473,7 +462,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ckpt_dir = os.path.join(out, "checkpoints")
     resume_tag = start_run_dir(args, ctx, ckpt_dir)
     data_dir, meta = prepare_data(args, ctx)
-    table_dir, table_path = place_table(args, ctx, data_dir, ckpt_dir, resume_tag)
+    table_dir, _ = place_table(args, ctx, data_dir, ckpt_dir, resume_tag)
 
     micro = int(ds_config["train_micro_batch_size_per_gpu"])
     gas = int(ds_config.get("gradient_accumulation_steps", 1))
@@ -482,11 +471,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     loader = StreamingDataLoader(ds, batch_size=micro, collate_fn=collate)
     n = ds.num_samples
 
-    # -- model, scorer, engine
+    # -- model, TED protocol (its scorer hooks the model before DeepSpeed wraps it), engine
     model = build_model(args, meta["vocab_size"], meta["eot_id"])
-    scorer = TaylorScorer(model, layers=scorer_cfg["layers"], rows=scorer_cfg["rows"], seed=scorer_cfg["seed"],
-                          ref_ema=scorer_cfg["ref_ema"])
-    reading = scorer_cfg["reading"]
+    protocol = TEDProtocol(ds, model, scorer=scorer_cfg, epochs=args.epochs)
+    reading = protocol.reading
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                      if p.requires_grad], config=ds_config)
     n_params = sum(p.numel() for p in model.parameters()) if ds_config.get("zero_optimization", {}).get(
@@ -500,9 +488,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if resume_tag is not None:
         _, client = load_checkpoint_weights_only(engine, ckpt_dir, resume_tag)
         state.update(client["train"])
-        if client.get("scorer_reference") is not None:
-            scorer.reference = client["scorer_reference"]
-        loader.load_state_dict(client["loader"])
+        protocol.load_state_dict(client["ted_protocol"], loader)  # the table was put in place above
         ctx.log(f"resumed from {resume_tag}: epoch {state['epoch']}, step {state['step']}")
     metrics_path = os.path.join(out, "metrics.jsonl")
     ids_path = os.path.join(out, "ids", f"rank{ctx.rank}.jsonl")
@@ -554,14 +540,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     def checkpoint() -> None:
         tag = f"step{state['step']}"
-        ds.save_table()  # merges every rank's scores so far (collective), then persists
-        if ctx.is_leader:
-            copy_atomic(table_path, os.path.join(ckpt_dir, tag, TABLE_IN_CHECKPOINT))
+        # merges every rank's scores so far (collective), persists, copies the table into the tag
+        ted_state = protocol.checkpoint(os.path.join(ckpt_dir, tag), loader)
         ctx.barrier()
         kill_point("save", state["step"])
         engine.save_checkpoint(ckpt_dir, tag=tag, client_state={
-            "loader": loader.state_dict(), "train": dict(state), "scorer_reference": scorer.reference,
-            "ted": ted.to_dict()})
+            "ted_protocol": ted_state, "train": dict(state), "ted": ted.to_dict()})
         if ctx.is_leader and args.keep_checkpoints > 0:
             tags = sorted((d for d in os.listdir(ckpt_dir) if d.startswith("step")), key=lambda d: int(d[4:]))
             for old in tags[: -args.keep_checkpoints]:
@@ -575,7 +559,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     t_run = time.time()
     for epoch in range(state["epoch"], args.epochs):
         kill_point("epoch", epoch)
-        mask = ds.start_epoch(epoch)  # collective: merge scores, freeze and broadcast the mask
+        protocol.start_epoch(epoch)  # collective: merge scores, freeze and broadcast the mask
+        mask = ds.table.masks[epoch]
         kill_point("frozen", epoch)
         fresh_epoch = not (state["epoch"] == epoch and (state["epoch_micro"] > 0 or state["epoch_trained"] > 0))
         if fresh_epoch:
@@ -593,17 +578,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         t_epoch = time.time()
         t_step = time.time()
         for batch in loader:
-            ids, w = batch["input_ids"], batch["ted_weight"]
-            if torch.cuda.is_available():
-                ids, w = ids.cuda(), w.cuda()
+            ids = batch["input_ids"].cuda() if torch.cuda.is_available() else batch["input_ids"]
             logits = engine(input_ids=ids).logits
             per_sample = per_sample_lm_loss(logits, ids)
-            engine.backward((per_sample * w).mean())
-            scores = scorer.compute(w * loss_scale() / (len(ids) * gas), loss=per_sample)
+            engine.backward(protocol.loss(per_sample, batch))  # weighted by ted_weight
+            protocol.score(backward_scale=loss_scale() / gas)  # the engine divides the loss by GAS
             boundary = engine.is_gradient_accumulation_boundary()
             lr = engine.get_lr()[0]  # the rate this step applies
             engine.step()
-            ds.record(batch["ted_id"], pick_score(scores, reading))
             loss_sum, count = ctx.sum([float(per_sample.detach().sum()), float(len(ids))])
             state["epoch_micro"] += 1
             state["epoch_trained"] += int(count)
@@ -631,6 +613,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 kill_point("step", state["step"])
             bar.update(1)
         bar.close()
+        protocol.end_epoch()  # the scores still buffered on the device reach the table
         micro_steps = ctx.gather(state["epoch_micro"])
         if len(set(micro_steps)) != 1:
             raise RuntimeError(f"epoch {epoch}: ranks ran different numbers of micro-steps {micro_steps}")
