@@ -14,6 +14,11 @@ def rank() -> int:
     return dist.get_rank() if active() else 0
 
 
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
 def _device() -> torch.device:
     # NCCL moves only CUDA tensors; gloo and the CPU backends move CPU tensors.
     if dist.get_backend() == "nccl":

@@ -19,7 +19,6 @@ before a mask is frozen or the table saved, so the loop syncs the host once per 
 from __future__ import annotations
 
 import os
-import shutil
 from math import ceil
 from typing import Any, Mapping, Optional, Union
 
@@ -31,7 +30,7 @@ from . import dist
 from .config import scorer_settings
 from .loaders.streaming import TEDStreamingDataset
 from .scorer import Scores, TaylorScorer
-from .table import ScoreTable
+from .table import copy_atomic
 
 TABLE_FILE = "ted_table.tedt"  # the table as of a checkpoint, inside the checkpoint folder
 STATE_VERSION = 1
@@ -212,7 +211,7 @@ class TEDProtocol:
         self.dataset.save_table()
         if dist.rank() == 0:
             os.makedirs(folder, exist_ok=True)
-            _copy_atomic(self.dataset.table_path, os.path.join(folder, TABLE_FILE))
+            copy_atomic(self.dataset.table_path, os.path.join(folder, TABLE_FILE))
         return self.state_dict(loader, skip_finished_epoch=skip_finished_epoch)
 
     def state_dict(self, loader: Any = None, *, skip_finished_epoch: bool = False) -> dict[str, Any]:
@@ -262,33 +261,5 @@ class TEDProtocol:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} is missing: expected the score table saved by "
                                     "TEDProtocol.checkpoint in every checkpoint folder")
-        ds = self.dataset
-        if ds._unique_rank_world.rank_of_node == 0:  # each node's table (per-node copies allowed)
-            _copy_atomic(path, ds.table_path)
-        if tdist.is_available() and tdist.is_initialized():
-            tdist.barrier()
-        _reload_table(ds)
+        self.dataset.load_table(path)
         self.load_state_dict(state, loader)
-
-
-def _reload_table(ds: TEDStreamingDataset) -> None:
-    """Replace the dataset's in-memory table by its file, as its constructor reads it.
-
-    Reaches into the dataset: it has no public call for this yet. The caches dropped here were
-    derived from the replaced table.
-    """
-    table = ScoreTable.load(ds.table_path, ds.table.fingerprint)
-    table.ema = ds.ted.ema
-    table.bind(ds.ted.run_identity())
-    ds.table = table
-    ds._implicit.clear()
-    ds._kept_sizes.clear()
-    ds._pending = []
-    ds._iter_epoch, ds._iter_mask = None, None
-
-
-def _copy_atomic(src: str, dst: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    tmp = f"{dst}.tmp-{os.getpid()}"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)

@@ -53,13 +53,24 @@ class Pruner:
         self.ted = ted
         self.table_path = table_path
         self.leader = local_leader() if leader is None else leader
-        if os.path.exists(table_path):
-            self.table = ScoreTable.load(table_path, fingerprint)
-        else:
-            self.table = ScoreTable(fingerprint["num_samples"], fingerprint, ted.ema, path=table_path)
-        self.table.ema = ted.ema
-        self.table.bind(ted.run_identity())
+        self.table = self._open(fingerprint)
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def _open(self, fingerprint: dict[str, Any]) -> ScoreTable:
+        """The table at ``table_path`` (a new one if there is none), bound to this run."""
+        if os.path.exists(self.table_path):
+            table = ScoreTable.load(self.table_path, fingerprint)
+        else:
+            table = ScoreTable(fingerprint["num_samples"], fingerprint, self.ted.ema, path=self.table_path)
+        table.ema = self.ted.ema
+        table.bind(self.ted.run_identity())
+        return table
+
+    def reload(self) -> None:
+        """Replace the in-memory table by the file's; scores recorded but not yet merged are
+        dropped, since they were recorded against the replaced table."""
+        self.table = self._open(self.table.fingerprint)
+        self._pending = []
 
     @property
     def num_samples(self) -> int:

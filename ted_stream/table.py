@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import struct
 import tempfile
 import zlib
@@ -458,6 +459,15 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def copy_atomic(src: str, dst: str) -> None:
+    """Copy a table file to ``dst`` through a temporary file and a rename: a reader of ``dst``
+    sees the old file or the new one, never a part."""
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    tmp = f"{dst}.tmp-{os.getpid()}"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def _write_all(fd: int, data: Any) -> None:

@@ -265,6 +265,24 @@ def test_table_persisted_beside_the_shards_and_reloaded(corpus):
     assert again.table.masks[1].crc == mask.crc and again.table.scored.all()
 
 
+def test_load_table_puts_a_checkpoint_table_back(corpus, tmp_path):
+    ds = dataset(corpus)
+    score_everything(ds)
+    ds.save_table()
+    saved = str(tmp_path / "checkpoint.tedt")
+    shutil.copyfile(ds.table_path, saved)
+    scores = ds.table.scores.copy()
+    mask = ds.start_epoch(1)  # the live table moves ahead of the checkpoint: epoch 1's mask
+    ds.record(ds.kept_ids(1), np.ones(mask.kept))
+    assert len(ds) == mask.kept
+    ds.load_table(saved)
+    assert 1 not in ds.table.masks and np.array_equal(ds.table.scores, scores)
+    assert len(ds) == ds.length  # the cached length of the replaced epoch 1 is gone
+    assert ds.start_epoch(1).crc == mask.crc  # the same scores freeze the same mask; the save is allowed
+    with pytest.raises(FileNotFoundError, match="missing.tedt is missing"):
+        ds.load_table(str(tmp_path / "missing.tedt"))
+
+
 def test_fingerprint_mismatch_refuses_the_table(corpus, tmp_path):
     other = make_corpus(tmp_path / "other", 599)
     shutil.copy(os.path.join(corpus, "ted", "table.tedt"), os.path.join(other, "ted", "table.tedt"))

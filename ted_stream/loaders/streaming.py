@@ -29,7 +29,7 @@ from ..fingerprint import index_fingerprint
 from ..policy import PruningWarning, select
 from ..pruner import Pruner, as_config
 from ..schedule import pruned_fraction
-from ..table import FILENAME, EpochMask, ScoreTable
+from ..table import FILENAME, EpochMask, ScoreTable, copy_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -116,22 +116,9 @@ class TEDStreamingDataset(StreamingDataset):
     def table(self) -> ScoreTable:
         return self.pruner.table
 
-    @table.setter
-    def table(self, table: ScoreTable) -> None:  # TEDProtocol.restore installs a checkpoint's table
-        self.pruner.table = table
-
     @property
     def table_path(self) -> str:
         return self.pruner.table_path
-
-    @property
-    def _pending(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        return self.pruner._pending
-
-    @_pending.setter
-    def _pending(self, pending: list[tuple[np.ndarray, np.ndarray]]) -> None:
-        # TEDProtocol.restore drops the scores buffered against the table it replaces.
-        self.pruner._pending = pending
 
     @property
     def groups(self) -> Optional[NDArray[np.integer]]:
@@ -315,6 +302,25 @@ class TEDStreamingDataset(StreamingDataset):
         self._push_table()
         logger.info("epoch %d: keeping %d of %d samples", epoch, mask.kept, self.table.num_samples)
         return mask
+
+    def load_table(self, path: str) -> None:
+        """Replace the table by the one at ``path``, e.g. the copy saved alongside a checkpoint
+        (the live table may be ahead of it: resuming with it would count later scores twice).
+
+        Each node's local leader copies it over the dataset's table file, then every rank reads
+        that file. Scores recorded and not yet saved are dropped, and the masks and lengths cached
+        from the replaced table are forgotten. A collective under torch.distributed; call it
+        before iterating and before ``load_state_dict``.
+        """
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"load_table: {path} is missing: expected a score table file")
+        if self.pruner.leader:  # the node's copy (nodes may each hold their own)
+            copy_atomic(path, self.table_path)
+        dist.barrier()
+        self.pruner.reload()
+        self._implicit.clear()
+        self._kept_sizes.clear()
+        self._iter_epoch, self._iter_mask = None, None
 
     def save_table(self) -> None:
         """Merge every rank's scores and persist the table atomically (collective under
