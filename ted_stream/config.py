@@ -9,7 +9,7 @@ import json
 import numbers
 import os
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 POLICIES = ("ted", "random", "random-dynamic", "infobatch")
 RAMPS = ("cubic", "linear")
@@ -194,6 +194,27 @@ def read_block(block: Any) -> tuple[TEDConfig, dict[str, Any]]:
     block = dict(block)
     scorer = scorer_settings(block.pop("scorer", None))
     return TEDConfig.from_dict(block), scorer
+
+
+def apply_overrides(block: dict[str, Any], items: Iterable[str]) -> dict[str, Any]:
+    """Set keys of a ``"ted"`` block from ``KEY=VALUE`` strings (a launcher's ``--ted`` options):
+    ``scorer.KEY`` sets a key of the scorer sub-block; a value is read as JSON when it parses
+    (``target=0.2``, ``rescale=false``), else kept as a string (``policy=random``). Returns
+    ``block``, changed in place; ValueError for an item without ``=``. ``read_block`` and
+    ``split_config`` validate the result."""
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{item!r}: expected KEY=VALUE")
+        try:
+            parsed: Any = json.loads(value)
+        except ValueError:
+            parsed = value  # a bare string
+        if key.startswith("scorer."):
+            block.setdefault("scorer", {})[key[len("scorer."):]] = parsed
+        else:
+            block[key] = parsed
+    return block
 
 
 def split_config(config: Union[str, os.PathLike, Mapping[str, Any]], epochs: Optional[int] = None

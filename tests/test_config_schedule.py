@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from ted_stream import TEDConfig, pruned_fraction
-from ted_stream.config import SCORER_DEFAULTS, read_block
+from ted_stream.config import SCORER_DEFAULTS, apply_overrides, read_block
 
 
 @pytest.mark.parametrize("field,value", [
@@ -108,3 +108,10 @@ def test_config_module_imports_nothing_heavy():
             "print(sorted(m for m in ('torch', 'streaming', 'deepspeed') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_apply_overrides_reads_json_values_and_scorer_keys():
+    block = apply_overrides({"target": 0.3}, ["target=0.2", "policy=random", "rescale=false", "scorer.rows=8"])
+    assert block == {"target": 0.2, "policy": "random", "rescale": False, "scorer": {"rows": 8}}
+    with pytest.raises(ValueError, match="'target': expected KEY=VALUE"):
+        apply_overrides({}, ["target"])

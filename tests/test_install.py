@@ -17,7 +17,14 @@ def test_core_requirements_name_no_extra():
 
 def test_importing_the_library_imports_no_extra():
     code = ("import sys, ted_stream, ted_stream.scorer, ted_stream.policy, ted_stream.cli; "
-            "ted_stream.TEDWebDataset; "  # its exact path needs no webdataset either
+            "ted_stream.TEDWebDataset; ted_stream.TEDProtocol; "  # their paths need no webdataset or deepspeed
             f"print([m for m in {EXTRAS!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_importing_ted_stream_loads_neither_torch_nor_streaming():
+    # Launchers check their config through ted_stream before loading torch (seconds).
+    code = "import sys, ted_stream; print([m for m in ('torch', 'streaming') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
