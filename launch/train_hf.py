@@ -25,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))  # ted_stream from a source checkout, too
 
-from ted_stream.config import split_config  # noqa: E402  (nothing heavy: a bad config fails at once)
+from ted_stream.config import apply_overrides, split_config  # noqa: E402  (nothing heavy: a bad config fails at once)
 
 DEFAULT_TED = {"target": 0.4, "warmup_epochs": 1, "ramp_epochs": 1, "explore": 0.1, "rescale": False}
 
@@ -62,19 +62,10 @@ def read_ted(args: argparse.Namespace) -> tuple[Optional[dict[str, Any]], Any, d
     if args.deepspeed:
         with open(args.deepspeed) as f:
             raw = json.load(f)
-    block = raw.setdefault("ted", {})
-    for item in args.ted:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"train_hf: --ted {item!r}: expected KEY=VALUE")
-        try:
-            value = json.loads(value)
-        except ValueError:
-            pass  # a bare string, e.g. policy=random
-        if key.startswith("scorer."):
-            block.setdefault("scorer", {})[key[len("scorer."):]] = value
-        else:
-            block[key] = value
+    try:
+        apply_overrides(raw.setdefault("ted", {}), args.ted)
+    except ValueError as e:
+        raise SystemExit(f"train_hf: --ted {e}") from None
     try:
         ds_config, ted, scorer = split_config(raw, epochs=args.epochs)
     except ValueError as e:

@@ -32,7 +32,6 @@ from ted_stream import config as ted_config  # noqa: E402  (numpy only: no torch
 from ted_stream.config import READINGS  # noqa: E402,F401  (re-exported for tests)
 
 DEFAULT_CONFIG = os.path.join(HERE, "configs", "zero2.json")
-TABLE_IN_CHECKPOINT = "ted_table.tedt"  # ted_stream.protocol.TABLE_FILE, which writes it
 
 
 class ConfigError(ValueError):
@@ -57,19 +56,10 @@ def load_config(args: argparse.Namespace) -> tuple[dict[str, Any], Any, dict[str
             raw = json.load(f)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read DeepSpeed config {args.config}: {e}") from None
-    block = raw.setdefault("ted", {})
-    for item in args.ted:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--ted {item!r}: expected KEY=VALUE")
-        try:
-            value = json.loads(value)
-        except ValueError:
-            pass
-        if key.startswith("scorer."):
-            block.setdefault("scorer", {})[key[len("scorer."):]] = value
-        else:
-            block[key] = value
+    try:
+        ted_config.apply_overrides(raw.setdefault("ted", {}), args.ted)
+    except ValueError as e:
+        raise ConfigError(f"--ted {e}") from None
     ds_config, ted, scorer = split_config(raw, args.epochs)
     if args.micro_batch:
         ds_config["train_micro_batch_size_per_gpu"] = args.micro_batch
@@ -215,13 +205,6 @@ def latest_tag(ckpt_dir: str) -> Optional[str]:
             return f.read().strip() or None
     except FileNotFoundError:
         return None
-
-
-def copy_atomic(src: str, dst: str) -> None:
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = f"{dst}.tmp-{os.getpid()}"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def unlink_deepspeed_shm() -> None:
@@ -410,21 +393,17 @@ def prepare_data(args: argparse.Namespace, ctx: Ctx) -> tuple[str, dict[str, Any
         return data_dir, json.load(f)
 
 
-def place_table(args: argparse.Namespace, ctx: Ctx, data_dir: str, ckpt_dir: str,
-                resume_tag: Optional[str]) -> tuple[str, str]:
-    """The score table's folder and file: none for a new run, the checkpoint's copy for a resumed one."""
+def place_table(args: argparse.Namespace, ctx: Ctx, data_dir: str, resume: bool) -> str:
+    """The score table's folder; a new run first deletes an earlier run's table (a resumed one
+    gets its checkpoint's table from TEDProtocol.restore)."""
     from ted_stream.table import FILENAME
 
     table_dir = args.table_dir.replace("{node}", str(ctx.node)) if args.table_dir else os.path.join(data_dir, "ted")
     table_path = os.path.join(table_dir, FILENAME)
-    if ctx.is_local_leader:
-        if resume_tag is None:
-            if os.path.exists(table_path):
-                os.unlink(table_path)
-        else:
-            copy_atomic(os.path.join(ckpt_dir, resume_tag, TABLE_IN_CHECKPOINT), table_path)
+    if ctx.is_local_leader and not resume and os.path.exists(table_path):
+        os.unlink(table_path)
     ctx.barrier()
-    return table_dir, table_path
+    return table_dir
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -462,7 +441,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ckpt_dir = os.path.join(out, "checkpoints")
     resume_tag = start_run_dir(args, ctx, ckpt_dir)
     data_dir, meta = prepare_data(args, ctx)
-    table_dir, _ = place_table(args, ctx, data_dir, ckpt_dir, resume_tag)
+    table_dir = place_table(args, ctx, data_dir, resume_tag is not None)
 
     micro = int(ds_config["train_micro_batch_size_per_gpu"])
     gas = int(ds_config.get("gradient_accumulation_steps", 1))
@@ -488,7 +467,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if resume_tag is not None:
         _, client = load_checkpoint_weights_only(engine, ckpt_dir, resume_tag)
         state.update(client["train"])
-        protocol.load_state_dict(client["ted_protocol"], loader)  # the table was put in place above
+        # the checkpoint's table replaces the live one, which a later save may have put ahead of it
+        protocol.restore(os.path.join(ckpt_dir, resume_tag), client["ted_protocol"], loader)
         ctx.log(f"resumed from {resume_tag}: epoch {state['epoch']}, step {state['step']}")
     metrics_path = os.path.join(out, "metrics.jsonl")
     ids_path = os.path.join(out, "ids", f"rank{ctx.rank}.jsonl")
