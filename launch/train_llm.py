@@ -156,7 +156,10 @@ class Ctx:
     def sum(self, values: list[float]) -> list[float]:
         import torch
 
-        t = torch.tensor(values, dtype=torch.float64)
+        from ted_stream.dist import collective_device
+
+        # on the backend's device: NCCL refuses CPU tensors
+        t = torch.tensor(values, dtype=torch.float64, device=collective_device() if self.world > 1 else "cpu")
         if self.world > 1:
             self.dist.all_reduce(t)
         return t.tolist()
@@ -492,7 +495,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         mine = torch.from_numpy(eval_rows[ctx.rank:: ctx.world].astype(np.int64))
         with torch.no_grad():
             for i in range(0, len(mine), micro):
-                ids = mine[i: i + micro]
+                ids = mine[i: i + micro].to(engine.device)  # the held-out rows start on the CPU
                 logits = engine(input_ids=ids).logits
                 total += float(per_sample_lm_loss(logits, ids).sum())
         engine.train()
@@ -558,7 +561,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         t_epoch = time.time()
         t_step = time.time()
         for batch in loader:
-            ids = batch["input_ids"].cuda() if torch.cuda.is_available() else batch["input_ids"]
+            ids = batch["input_ids"].to(engine.device)  # this rank's device, not always cuda:0
             logits = engine(input_ids=ids).logits
             per_sample = per_sample_lm_loss(logits, ids)
             engine.backward(protocol.loss(per_sample, batch))  # weighted by ted_weight

@@ -19,8 +19,9 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _device() -> torch.device:
-    # NCCL moves only CUDA tensors; gloo and the CPU backends move CPU tensors.
+def collective_device() -> torch.device:
+    """Where a collective's tensors must live: NCCL moves only CUDA tensors (this rank's device);
+    gloo and the other CPU backends move CPU tensors."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -28,7 +29,7 @@ def _device() -> torch.device:
 
 def broadcast_bytes(data: np.ndarray | None, src: int = 0) -> np.ndarray:
     """Broadcast a uint8 array from ``src``; other ranks pass None."""
-    dev = _device()
+    dev = collective_device()
     size = torch.tensor([0 if data is None else len(data)], dtype=torch.int64, device=dev)
     dist.broadcast(size, src)
     buf = torch.empty(int(size.item()), dtype=torch.uint8, device=dev)
@@ -40,7 +41,7 @@ def broadcast_bytes(data: np.ndarray | None, src: int = 0) -> np.ndarray:
 
 def all_gather_records(ids: np.ndarray, values: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     """Every rank's (ids, values), in rank order, on every rank."""
-    dev = _device()
+    dev = collective_device()
     world = dist.get_world_size()
     n = torch.tensor([len(ids)], dtype=torch.int64, device=dev)
     sizes = [torch.zeros_like(n) for _ in range(world)]

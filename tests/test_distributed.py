@@ -51,3 +51,16 @@ def test_two_ranks_share_scores_and_mask(tmp_path):
     kept = np.concatenate([r0["kept"], r1["kept"]])
     assert len(r0["kept"]) == len(r1["kept"]) == 52
     assert sorted(kept) == np.flatnonzero(keep).tolist()
+
+
+def test_collectives_use_the_backends_device(monkeypatch):
+    """NCCL only reduces CUDA tensors (the first GPU run crashed on a CPU tensor); gloo CPU ones."""
+    import torch
+
+    from ted_stream import dist as ted_dist
+
+    monkeypatch.setattr(ted_dist.dist, "get_backend", lambda *a: "gloo")
+    assert ted_dist.collective_device() == torch.device("cpu")
+    monkeypatch.setattr(ted_dist.dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert ted_dist.collective_device() == torch.device("cuda", 3)
