@@ -40,6 +40,20 @@ def local_leader() -> bool:
     return int(os.environ.get("LOCAL_RANK", dist.rank())) == 0
 
 
+class HasPruner:
+    """The table views of a loader whose scores and masks live in ``self.pruner``."""
+
+    pruner: "Pruner"
+
+    @property
+    def table(self) -> ScoreTable:
+        return self.pruner.table
+
+    @property
+    def table_path(self) -> str:
+        return self.pruner.table_path
+
+
 class Pruner:
     """Scores, masks and persistence of one dataset's ``ScoreTable`` at ``table_path``.
 

@@ -27,7 +27,7 @@ from .. import filter as sample_filters
 from ..config import TEDConfig
 from ..fingerprint import index_fingerprint
 from ..policy import PruningWarning, select
-from ..pruner import Pruner, as_config
+from ..pruner import HasPruner, Pruner, as_config
 from ..schedule import pruned_fraction
 from ..table import FILENAME, EpochMask, ScoreTable, copy_atomic
 
@@ -63,7 +63,7 @@ def table_home(streams: Any, digest: str) -> tuple[str, Optional[str]]:
     return local, os.path.join(first.remote, first.split or "", sub)
 
 
-class TEDStreamingDataset(StreamingDataset):
+class TEDStreamingDataset(HasPruner, StreamingDataset):
     """A ``StreamingDataset`` whose epochs skip the samples the TED policy prunes.
 
     Takes every ``StreamingDataset`` keyword argument, plus:
@@ -111,14 +111,6 @@ class TEDStreamingDataset(StreamingDataset):
         self._implicit: dict[int, EpochMask] = {}  # epochs frozen without start_epoch, from the file
         self._run_granule: Optional[int] = None  # the granule of the run a checkpoint came from
         self._kept_sizes: dict[int, int] = {}
-
-    @property
-    def table(self) -> ScoreTable:
-        return self.pruner.table
-
-    @property
-    def table_path(self) -> str:
-        return self.pruner.table_path
 
     @property
     def groups(self) -> Optional[NDArray[np.integer]]:

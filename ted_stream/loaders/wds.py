@@ -31,8 +31,8 @@ import torch.utils.data
 from .. import dist
 from ..config import TEDConfig
 from ..policy import select
-from ..pruner import Pruner, as_config
-from ..table import FILENAME, EpochMask, ScoreTable
+from ..pruner import HasPruner, Pruner, as_config
+from ..table import FILENAME, EpochMask
 from ..wds_index import CorruptSample, ManifestError, Shards, WdsIndex
 
 STATE_FORMAT = "ted_stream/wds-state"
@@ -43,7 +43,7 @@ class CorruptSampleWarning(UserWarning):
     """A sample could not be read or decoded; it was replaced by another kept sample."""
 
 
-class TEDWebDataset(torch.utils.data.Dataset):
+class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
     """Pruned, exactly resumable access to indexed WebDataset tar shards.
 
     Args:
@@ -105,15 +105,6 @@ class TEDWebDataset(torch.utils.data.Dataset):
         state = dict(self.__dict__)
         state["_files"] = {}  # open files stay with their process (spawned workers reopen)
         return state
-
-    # ---- table -------------------------------------------------------------------------------
-    @property
-    def table(self) -> ScoreTable:
-        return self.pruner.table
-
-    @property
-    def table_path(self) -> str:
-        return self.pruner.table_path
 
     @property
     def num_samples(self) -> int:
