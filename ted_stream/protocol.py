@@ -1,6 +1,6 @@
 """TEDProtocol: the per-step TED protocol, written once for every training loop.
 
-A loop over a ``TEDStreamingDataset`` does the same few things whatever trains the model (a
+A loop over a ``TEDStreamingDataset`` (or a ``TEDWebDataset`` read through its ``TEDWebLoader``) does the same few things whatever trains the model (a
 plain PyTorch loop, DeepSpeed, the Hugging Face Trainer):
 
     protocol.start_epoch()                    # freeze the epoch's keep-mask (collective)
@@ -29,11 +29,23 @@ from torch import Tensor, nn
 from . import dist
 from .config import scorer_settings
 from .loaders.streaming import TEDStreamingDataset
+from .loaders.wds import STATE_FORMAT as WDS_STATE, TEDWebDataset, next_epoch_state
 from .scorer import Scores, TaylorScorer
 from .table import copy_atomic
 
 TABLE_FILE = "ted_table.tedt"  # the table as of a checkpoint, inside the checkpoint folder
 STATE_VERSION = 1
+
+Dataset = Union[TEDStreamingDataset, TEDWebDataset]
+
+
+def _upcoming_epoch(ds: Dataset) -> int:
+    return ds.upcoming_epoch() if isinstance(ds, TEDWebDataset) else ds.next_streaming_epoch()
+
+
+def _rank_samples(ds: Dataset, epoch: int) -> int:
+    """Samples each rank reads in the frozen ``epoch``."""
+    return len(ds.rank_ids(epoch)) if isinstance(ds, TEDWebDataset) else len(ds)
 
 
 def reading_of(scores: Scores, reading: str) -> Tensor:
@@ -54,9 +66,10 @@ def reading_of(scores: Scores, reading: str) -> Tensor:
 
 
 class TEDProtocol:
-    """Owns the TED side of a training loop over one ``TEDStreamingDataset``.
+    """Owns the TED side of a training loop over one ``TEDStreamingDataset`` or ``TEDWebDataset``.
 
-    dataset: the pruning dataset; its ``batch_size`` is the per-rank micro-batch.
+    dataset: the pruning dataset; its ``batch_size`` is the per-rank micro-batch. Its loader (for
+        ``checkpoint``/``restore``): streaming's ``StreamingDataLoader``, or ``TEDWebLoader``.
     model: the module to score (under DeepSpeed the model before ``deepspeed.initialize`` or
         ``engine.module``); not needed for the ``loss`` reading.
     scorer: the ``"scorer"`` settings of a ``"ted"`` block (layers, rows, reading, ref_ema,
@@ -65,14 +78,14 @@ class TEDProtocol:
     flush_every: micro-steps between transfers of the buffered scores to the table.
     """
 
-    def __init__(self, dataset: TEDStreamingDataset, model: Optional[nn.Module] = None, *,
+    def __init__(self, dataset: Dataset, model: Optional[nn.Module] = None, *,
                  scorer: Optional[Mapping[str, Any]] = None, epochs: Optional[int] = None,
                  flush_every: int = 16) -> None:
-        if not isinstance(dataset, TEDStreamingDataset):
-            raise TypeError(f"dataset is a {type(dataset).__name__}: expected a TEDStreamingDataset")
+        if not isinstance(dataset, (TEDStreamingDataset, TEDWebDataset)):
+            raise TypeError(f"dataset is a {type(dataset).__name__}: expected a TEDStreamingDataset or a TEDWebDataset")
         if not dataset.batch_size:
-            raise ValueError(f"TEDStreamingDataset(batch_size={dataset.batch_size!r}): expected the per-rank "
-                             "batch size the loader uses (streaming partitions epochs by it)")
+            raise ValueError(f"{type(dataset).__name__}(batch_size={dataset.batch_size!r}): expected the per-rank "
+                             "batch size the loader uses (the epoch is partitioned by it)")
         if not isinstance(flush_every, int) or flush_every < 1:
             raise ValueError(f"flush_every={flush_every!r} is invalid: expected an integer >= 1")
         epochs = dataset.ted.epochs if epochs is None else epochs
@@ -151,19 +164,19 @@ class TEDProtocol:
 
     # ---- per epoch -----------------------------------------------------------------------------
     def start_epoch(self, epoch: Optional[int] = None) -> dict[str, int]:
-        """Freeze the keep-mask of ``epoch`` (default: the epoch streaming iterates next); a
+        """Freeze the keep-mask of ``epoch`` (default: the epoch the loader iterates next); a
         collective. A resumed epoch keeps its mask and its step count. Returns epoch, kept,
         pruned, num_samples and steps (micro-steps per rank)."""
         self.flush()
         ds = self.dataset
-        epoch = ds.next_streaming_epoch() if epoch is None else epoch
+        epoch = _upcoming_epoch(ds) if epoch is None else epoch
         if epoch != self.epoch:
             if not self._closed:  # the run stopped (checkpoint) right at the end of the last one
                 self.end_epoch()
             self.micro, self.epoch_trained, self._closed = 0, 0, False
         mask = ds.start_epoch(epoch)
         self.epoch = epoch
-        self.steps = ceil(len(ds) / ds.batch_size)
+        self.steps = ceil(_rank_samples(ds, epoch) / ds.batch_size)
         return {"epoch": epoch, "kept": mask.kept, "pruned": ds.num_samples - mask.kept,
                 "num_samples": ds.num_samples, "steps": self.steps}
 
@@ -235,6 +248,8 @@ class TEDProtocol:
     def _loader_state(self, loader: Any, skip_finished_epoch: bool) -> dict[str, Any]:
         state = loader.state_dict()
         if skip_finished_epoch and self.epoch >= 0 and self.micro >= self.steps and state["epoch"] == self.epoch:
+            if state.get("format") == WDS_STATE:
+                return next_epoch_state(state, self.epoch + 1)
             ted = dict(state["ted"], epoch=self.epoch + 1, mask_crc=None)
             state = dict(state, epoch=self.epoch + 1, sample_in_epoch=0, ted=ted)
         return state

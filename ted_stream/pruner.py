@@ -15,7 +15,7 @@ import numpy as np
 
 from . import dist
 from .config import TEDConfig
-from .table import EpochMask, ScoreTable
+from .table import EpochMask, ScoreTable, copy_atomic
 
 _TAIL = struct.Struct("<dq")  # boost weight, requested count (-1: not recorded)
 
@@ -85,6 +85,16 @@ class Pruner:
         dropped, since they were recorded against the replaced table."""
         self.table = self._open(self.table.fingerprint)
         self._pending = []
+
+    def replace(self, path: str) -> None:
+        """Make the table at ``path`` (e.g. a checkpoint's copy) this one: the node's leader copies
+        it over ``table_path``, then every rank reloads it (a collective under torch.distributed)."""
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"load_table: {path} is missing: expected a score table file")
+        if self.leader:  # the node's copy (nodes may each hold their own)
+            copy_atomic(path, self.table_path)
+        dist.barrier()
+        self.reload()
 
     @property
     def num_samples(self) -> int:

@@ -61,14 +61,21 @@ def bf16_to_f32(b: np.ndarray) -> np.ndarray:
     return (np.asarray(b, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
-def bf16_order_key(b: np.ndarray) -> np.ndarray:
-    """uint16 keys whose integer order is the float order of the bfloat16 bits."""
-    key = np.array(b, dtype=np.uint16)  # a copy, flipped in place: few temporaries at 100M samples
+def _order_lut() -> np.ndarray:
+    key = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     flip = key >> 15  # 1 for negative numbers
     flip *= 0x7FFF
     flip |= 0x8000  # negatives: every bit flips; positives: the sign bit only
-    key ^= flip
-    return key
+    return key ^ flip
+
+
+_BF16_ORDER = _order_lut()
+
+
+def bf16_order_key(b: np.ndarray) -> np.ndarray:
+    """uint16 keys whose integer order is the float order of the bfloat16 bits (a new array;
+    one table lookup per sample, the fastest pass numpy offers at 1e8 samples)."""
+    return _BF16_ORDER[np.asarray(b, dtype=np.uint16)]
 
 
 def config_digest(config: Mapping[str, Any]) -> str:

@@ -253,7 +253,10 @@ def test_filter_composes_with_pruning_and_resumes(data, tmp_path, method, monkey
     assert kept < allowed and len(kept) == mask.kept >= len(allowed) // 2
     loader = StreamingDataLoader(ds, batch_size=BATCH)
     full = [i for b in loader for i in b["ted_id"].tolist()]
-    assert set(full) <= kept and len(full) == len(set(full)) > 0.8 * len(kept)
+    assert set(full) <= kept and len(set(full)) > 0.8 * len(kept)
+    # upstream's partition repeats a few samples to pad a stream's share to its canonical nodes
+    # when a count does not divide; the stream-wise methods partition each stream on its own
+    assert len(full) - len(set(full)) <= (0 if method == "random" else 2 * 3)  # canonical nodes x streams
     assert method != "random" or set(full) == kept
     del loader, ds
     gc.collect()

@@ -308,3 +308,68 @@ def test_local_world_size_from_deepspeed_launcher(corpus, monkeypatch):
     monkeypatch.setenv("LOCAL_SIZE", "1")
     dataset(corpus)
     assert os.environ["LOCAL_WORLD_SIZE"] == "1"
+
+
+def test_worker_batches_are_the_in_process_batches(corpus):
+    """Batches made in DataLoader workers (whose ted_id/ted_weight cross to the main process as
+    bytes, not shared memory) are plain dicts with the keys, dtypes and values of in-process ones."""
+    import pickle
+
+    import torch
+    import torch.multiprocessing  # noqa: F401  (registers the tensor reducers on ForkingPickler)
+    from torch.utils.data import default_collate
+    from multiprocessing.reduction import ForkingPickler
+
+    from ted_stream.loaders.streaming import _WorkerSample
+
+    cfg = TEDConfig(target=0.5, warmup_epochs=1, ramp_epochs=1, explore=0.5, rescale=True, seed=3)
+    ds = dataset(corpus, cfg)
+    loader = StreamingDataLoader(ds, batch_size=BATCH, num_workers=2)
+    for epoch in range(2):
+        mask = ds.start_epoch(epoch)
+        batches = list(loader)
+        assert all(type(b) is dict and list(b) == ["label", "text", "ted_id", "ted_weight"] for b in batches)
+        assert all(b["ted_id"].dtype == torch.int64 and b["ted_weight"].dtype == torch.float64 for b in batches)
+        seen = [i for b in batches for i in b["ted_id"].tolist()]
+        weights = [w for b in batches for w in b["ted_weight"].tolist()]
+        assert sorted(seen) == ds.kept_ids(epoch).tolist()
+        assert weights == mask.weights(seen).tolist()  # float32-rounded, exactly
+        ds.record(seen, np.sin(np.array(seen) * 1.7))
+    assert mask.boost is not None and mask.boost_weight > 1
+    del loader
+    close(ds)
+    # The round trip itself: a collated batch of worker samples unpickles to the plain batch.
+    samples = [{"text": f"t{i}", "label": i, "ted_id": i, "ted_weight": 1.0 + i / 3} for i in range(5)]
+    plain = default_collate(samples)
+    sent = pickle.loads(ForkingPickler.dumps(default_collate([_WorkerSample(s) for s in samples])))
+    assert type(sent) is dict and list(sent) == list(plain) and sent["text"] == plain["text"]
+    for key in ("label", "ted_id", "ted_weight"):
+        assert sent[key].dtype == plain[key].dtype and torch.equal(sent[key], plain[key])
+    sent["ted_id"] += 1  # writable, like the tensor it replaces
+
+
+def test_a_shared_memory_prefix_taken_by_another_job_is_retried(corpus, monkeypatch):
+    """Streaming checks that a prefix is free, then creates it: another job starting at the same
+    moment can take it in between (FileExistsError '/NNNNNN_locals'). A single process retries."""
+    import streaming.base.dataset as upstream
+
+    real, calls = upstream.get_shm_prefix, []
+
+    def taken_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise FileExistsError(17, "File exists", "/000042_locals")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(upstream, "get_shm_prefix", taken_once)
+    ds = dataset(corpus)
+    assert len(calls) == 2 and len(list(ds)) == ds.num_samples
+    close(ds)
+
+    def always_taken(*args, **kwargs):
+        raise FileExistsError(17, "File exists", "/000042_locals")
+
+    monkeypatch.setattr(upstream, "get_shm_prefix", always_taken)
+    monkeypatch.setattr("ted_stream.loaders.streaming._PREFIX_RETRIES", 1)
+    with pytest.raises(RuntimeError, match=r"prefix /000042_locals was taken by another job .* start this job again"):
+        dataset(corpus)

@@ -1,9 +1,10 @@
 """ted_stream.integrations.hf: the Hugging Face Trainer with TED pruning, on a scratch 2-layer
-Llama and 64 sequences of 16 tokens. Pruning happens and only kept samples are trained, the loss
+Llama and 64 sequences of 16 tokens, as MDS shards (TEDStreamingDataset) and as indexed WebDataset
+tar shards (TEDWebDataset, the exact path). Pruning happens and only kept samples are trained, the loss
 is weighted by ted_weight, the learning-rate schedule ends with the last pruned epoch, and a run
 resumed from a Trainer checkpoint (mid-epoch and at an epoch end) reproduces the uninterrupted
 run's sample stream, table and weights. launch/train_hf.py on 2 CPU ranks under the Trainer's
-DeepSpeed integration (ZeRO-2 by default; ZeRO-3 and plain DDP with TED_SLOW_TESTS=1) prunes and
+DeepSpeed integration (ZeRO-2 by default; ZeRO-3 and plain DDP marked slow: `pytest -m slow`) prunes and
 resumes."""
 from __future__ import annotations
 
@@ -21,27 +22,55 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments  # noqa: E402
 
-from ted_stream import TEDConfig, TEDStreamingDataset  # noqa: E402
-from ted_stream.integrations.hf import STATE_FILE, TEDTrainer  # noqa: E402
+from ted_stream import TEDConfig, TEDStreamingDataset, TEDWebDataset  # noqa: E402
+from ted_stream.integrations.hf import STATE_FILE, TEDTrainer, TEDWebTrainerLoader  # noqa: E402
 from ted_stream.prepare import write_mds  # noqa: E402
+from ted_stream.wds_index import MANIFEST, prepare_shards  # noqa: E402
 from ted_stream.protocol import TABLE_FILE  # noqa: E402
 from ted_stream.scorer import per_sample_lm_loss  # noqa: E402
 from ted_stream.table import ScoreTable  # noqa: E402
 
 N, SEQ, VOCAB, BATCH, GAS, EPOCHS, LR = 64, 16, 64, 4, 2, 3, 1e-2
 CFG = TEDConfig(target=0.5, epochs=EPOCHS, warmup_epochs=1, ramp_epochs=1, explore=0.2, max_weight=2.0)
+RESUME_STEPS = (10, 12)
 FULL_UPDATES = N // BATCH // GAS  # 8 per unpruned epoch; 4 per epoch at half the data
+
+
+def samples():
+    rng = np.random.default_rng(0)
+    # "doc" is a column the model does not take: the Trainer's remove_unused_columns drops it
+    return ({"input_ids": rng.integers(0, VOCAB, SEQ).tolist(), "doc": i} for i in range(N))
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    rng = np.random.default_rng(0)
     folder = tmp_path_factory.mktemp("hf") / "data"
-    # "doc" is a column the model does not take: the Trainer's remove_unused_columns drops it
-    write_mds(({"input_ids": rng.integers(0, VOCAB, SEQ).tolist(), "doc": i} for i in range(N)), str(folder))
+    write_mds(samples(), str(folder))
     return str(folder)
+
+
+@pytest.fixture(scope="module")
+def wds_corpus(tmp_path_factory):
+    """The same samples as tar shards (one ``<key>.json`` member each) and their manifest."""
+    folder = tmp_path_factory.mktemp("hf-wds") / "data"
+    prepare_shards(samples(), str(folder), shard_bytes=16 << 10)
+    assert len([n for n in os.listdir(folder) if n.endswith(".tar")]) > 1
+    return str(folder)
+
+
+def decode_json(raw):
+    return json.loads(raw["json"])
+
+
+def open_dataset(folder, table_dir, **kw):
+    """The pruning dataset of ``folder``: tar shards with a manifest, or MDS."""
+    if os.path.exists(os.path.join(folder, MANIFEST)):
+        return TEDWebDataset(folder, table_dir=str(table_dir), decode=decode_json, batch_size=BATCH, seed=1,
+                             ted=CFG, **kw)
+    return TEDStreamingDataset(local=folder, table_dir=str(table_dir), batch_size=BATCH, shuffle=True,
+                               shuffle_seed=1, ted=CFG, **kw)
 
 
 def collate(samples):
@@ -77,13 +106,12 @@ class Recording(TEDTrainer):
 
 
 def trainer(corpus, out, table_dir, **args) -> Recording:
-    ds = TEDStreamingDataset(local=corpus, table_dir=str(table_dir), batch_size=BATCH, shuffle=True,
-                             shuffle_seed=1, ted=CFG)
+    ds = open_dataset(corpus, table_dir)
     targs = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=BATCH, gradient_accumulation_steps=GAS,
         num_train_epochs=EPOCHS, learning_rate=LR, lr_scheduler_type="linear", warmup_steps=2,
-        logging_steps=1, save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, seed=0,
-        disable_tqdm=True, dataloader_num_workers=0, **args)
+        logging_steps=1, report_to=[], use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0,
+        **{"save_strategy": "steps", "save_steps": 2, **args})
     return Recording(model=tiny_llama(), args=targs, train_dataset=ds, data_collator=collate,
                      ted_scorer={"rows": 4})
 
@@ -94,13 +122,30 @@ def release(t: Recording) -> None:
     gc.collect()
 
 
-@pytest.fixture(scope="module")
-def reference(corpus, tmp_path_factory):
-    """The uninterrupted run, with a checkpoint every 2 optimizer steps."""
+class SaveAt(TrainerCallback):
+    """A Trainer checkpoint after each of ``steps`` (optimizer steps), and no other."""
+
+    def __init__(self, *steps: int) -> None:
+        self.steps = steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_save = state.global_step in self.steps
+
+
+@pytest.fixture(scope="module", params=["mds", "wds"])
+def reference(request, tmp_path_factory):
+    """The uninterrupted run, on MDS (a checkpoint every 2 optimizer steps) or tar shards
+    (checkpoints at the steps the resume test starts from)."""
+    corpus = request.getfixturevalue("corpus" if request.param == "mds" else "wds_corpus")
     root = tmp_path_factory.mktemp("ref")
-    t = trainer(corpus, root / "out", root / "table")
+    if request.param == "mds":
+        t = trainer(corpus, root / "out", root / "table")
+    else:
+        t = trainer(corpus, root / "out", root / "table", save_strategy="no")
+        t.add_callback(SaveAt(*RESUME_STEPS))
+        assert type(t.get_train_dataloader()) is TEDWebTrainerLoader  # the exact path's, handed over as is
     t.train()
-    run = {"ids": t.ids, "weights": t.weights, "log": t.state.log_history, "root": root,
+    run = {"ids": t.ids, "weights": t.weights, "log": t.state.log_history, "root": root, "corpus": corpus,
            "table": ScoreTable.load(t.train_dataset.table_path), "ds_kept": {},
            "params": {k: v.clone() for k, v in t.model.state_dict().items()}}
     run["ds_kept"] = {e: t.train_dataset.kept_ids(e).tolist() for e in range(EPOCHS)}
@@ -135,18 +180,18 @@ def test_trainer_prunes_weights_and_schedules_by_epoch(reference):
     lrs = [r["learning_rate"] for r in steps]
     assert lrs[-1] < 0.1 * LR and all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
     assert steps[-1]["epoch"] == pytest.approx(EPOCHS)  # state.epoch counts streaming's epochs
-    assert os.path.exists(reference["root"] / "out" / "checkpoint-2" / TABLE_FILE)
-    assert os.path.exists(reference["root"] / "out" / "checkpoint-2" / STATE_FILE)
+    assert os.path.exists(reference["root"] / "out" / "checkpoint-10" / TABLE_FILE)
+    assert os.path.exists(reference["root"] / "out" / "checkpoint-10" / STATE_FILE)
 
 
-@pytest.mark.parametrize("step", [10, 12], ids=["mid-pruned-epoch", "epoch-end"])
-def test_resume_from_a_trainer_checkpoint_is_exact(corpus, reference, tmp_path, step):
+@pytest.mark.parametrize("step", RESUME_STEPS, ids=["mid-pruned-epoch", "epoch-end"])
+def test_resume_from_a_trainer_checkpoint_is_exact(reference, tmp_path, step):
     """Epoch 0 has 8 steps and epochs 1, 2 have 4: step 10 is inside epoch 1, step 12 its end
     (where the Trainer's own arithmetic, 12 // 8, would say epoch 1 with 4 steps done)."""
     out, table_dir = tmp_path / "out", tmp_path / "table"
     shutil.copytree(reference["root"] / "out" / f"checkpoint-{step}", out / f"checkpoint-{step}")
     shutil.copytree(reference["root"] / "table", table_dir)  # the finished run's table: later scores, masks
-    t = trainer(corpus, out, table_dir)
+    t = trainer(reference["corpus"], out, table_dir)
     t.train(resume_from_checkpoint=True)
     assert t.ids == reference["ids"][step * GAS:]
     resumed_rows = ted_rows(t.state.log_history)
@@ -160,9 +205,17 @@ def test_resume_from_a_trainer_checkpoint_is_exact(corpus, reference, tmp_path, 
     release(t)
 
 
-def test_configuration_errors_name_the_value(corpus, tmp_path):
+def test_configuration_errors_name_the_value(corpus, wds_corpus, tmp_path):
     ds = TEDStreamingDataset(local=corpus, table_dir=str(tmp_path / "t"), batch_size=BATCH, ted=CFG)
     base = dict(output_dir=str(tmp_path / "o"), report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match=r"TEDWebDataset\(batch_size=4\) but per_device_train_batch_size=8"):
+        TEDTrainer(model=tiny_llama(), args=TrainingArguments(**base, per_device_train_batch_size=8,
+                                                              num_train_epochs=3),
+                   train_dataset=open_dataset(wds_corpus, tmp_path / "tw"))
+    with pytest.raises(ValueError, match=r"TEDWebDataset\(rank=1, world_size=2\) but the Trainer runs rank 0 of 1"):
+        TEDTrainer(model=tiny_llama(), args=TrainingArguments(**base, per_device_train_batch_size=BATCH,
+                                                              num_train_epochs=3),
+                   train_dataset=open_dataset(wds_corpus, tmp_path / "tw", rank=1, world_size=2))
     cases = [(dict(per_device_train_batch_size=8, num_train_epochs=3), "batch_size=4.*per_device_train_batch_size=8"),
              (dict(per_device_train_batch_size=BATCH, max_steps=5), "max_steps=5"),
              (dict(per_device_train_batch_size=BATCH, num_train_epochs=2.5), "num_train_epochs=2.5"),
@@ -170,7 +223,7 @@ def test_configuration_errors_name_the_value(corpus, tmp_path):
     for kw, msg in cases:
         with pytest.raises(ValueError, match=msg):
             TEDTrainer(model=tiny_llama(), args=TrainingArguments(**base, **kw), train_dataset=ds)
-    with pytest.raises(TypeError, match="expected a TEDStreamingDataset"):
+    with pytest.raises(TypeError, match="is a list: expected a TEDStreamingDataset or a TEDWebDataset"):
         TEDTrainer(model=tiny_llama(), args=TrainingArguments(**base), train_dataset=[1, 2])
 
 
@@ -192,7 +245,6 @@ def unlink_deepspeed_buffers(master_port: int) -> None:
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--max-docs", "20", "--max-samples", "64", "--seq-len", "32", "--vocab-size", "256", "--batch", "4",
         "--epochs", "3", "--hidden", "32", "--save-steps", "5", "--threads", "1"]
-SLOW = os.environ.get("TED_SLOW_TESTS") == "1"
 MODES = {"zero2": ["--deepspeed", os.path.join(ROOT, "launch", "configs", "hf_zero2.json")],
          "zero3": ["--deepspeed", os.path.join(ROOT, "launch", "configs", "hf_zero3.json")],
          "ddp": []}
@@ -215,8 +267,8 @@ def launch(out, mode, master_port, tmp, *extra):
 
 @pytest.mark.parametrize("mode", [
     "zero2",
-    pytest.param("zero3", marks=pytest.mark.skipif(not SLOW, reason="minutes: set TED_SLOW_TESTS=1")),
-    pytest.param("ddp", marks=pytest.mark.skipif(not SLOW, reason="minutes: set TED_SLOW_TESTS=1"))])
+    pytest.param("zero3", marks=pytest.mark.slow),  # minutes on 2 cores: .ci/run runs them with -m slow
+    pytest.param("ddp", marks=pytest.mark.slow)])
 def test_two_ranks_prune_and_resume_through_the_launcher(tmp_path, mode):
     """torchrun, 2 CPU ranks, the Trainer's DeepSpeed integration with a config file whose "ted"
     block the library reads (or plain DDP): streaming alone partitions the kept samples (each
@@ -242,6 +294,41 @@ def test_two_ranks_prune_and_resume_through_the_launcher(tmp_path, mode):
     final = ScoreTable.load(str(next((tmp_path / "b" / "data").iterdir()) / "ted" / "table.tedt"))
     np.testing.assert_array_equal(final.scores, table.scores)
     assert ted_rows(log_b) == rows
+
+
+def test_launcher_trains_on_a_wds_corpus(tmp_path, monkeypatch):
+    """`python launch/train_hf.py --data-format wds`, in this process (one rank; the 2-rank path is
+    the MDS launcher test's, and the loader is the one tested above): the news windows as tar
+    shards with their manifest, pruned, each epoch trained on exactly its kept samples."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "launch"))
+    spec = importlib.util.spec_from_file_location("train_hf", os.path.join(ROOT, "launch", "train_hf.py"))
+    train_hf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_hf)
+    threads = torch.get_num_threads()
+    try:
+        assert train_hf.main(["--out", str(tmp_path / "run"), "--data-format", "wds", *TINY, "--save-steps", "100"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    data = tmp_path / "run" / "data" / "news-bpe256-L32-D20-S64-wds"
+    assert (data / MANIFEST).exists() and not (data / "index.json").exists()
+    with open(tmp_path / "run" / "log.jsonl") as f:
+        rows = ted_rows([json.loads(line) for line in f])
+    table = ScoreTable.load(str(data / "ted" / "table.tedt"))
+    assert [r["ted_kept"] for r in rows] == [table.masks[e].kept for e in range(3)]
+    assert rows[0]["ted_kept"] == 64 and rows[1]["ted_kept"] < 64 and rows[2]["ted_kept"] < 64
+    assert [r["ted_trained"] for r in rows] == [r["ted_kept"] for r in rows]
+    with pytest.raises(SystemExit):
+        train_hf.parse_args(["--data-format", "tfrecord"])
+
+
+def test_trainer_wds_recipe_in_the_docs_runs(capsys):
+    from test_protocol import recipe
+
+    exec(compile(recipe("trainer-wds"), "docs/integrations.md", "exec"), {})
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "[64, 32, 32]"
+    gc.collect()
 
 
 def test_trainer_recipe_in_the_docs_runs(capsys):

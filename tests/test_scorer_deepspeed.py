@@ -81,7 +81,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     torch.save(results, Path(out) / f"rank{rank}.pt")
 
 
-def run_ranks(out: Path, timeout_s: float = 400.0) -> None:
+def run_ranks(out: Path, timeout_s: float = 1800.0) -> None:  # a hang guard, not a speed check
     ctx = mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=False)
     deadline = time.monotonic() + timeout_s
     while not ctx.join(timeout=1.0):

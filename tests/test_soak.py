@@ -1,6 +1,7 @@
 """The short variant of launch/soak.py: two kills of one rank of a 2-rank DeepSpeed job (inside a
 checkpoint save, and at a random moment), each resumed and compared with an uninterrupted run.
-Slow (about 4 minutes on 2 CPU cores): four short training runs and two resumes."""
+Slow (2-4 minutes on 2 CPU cores: four short training runs and two resumes), so marked `slow`:
+`.ci/run` runs it after the default suite."""
 import importlib.util
 import json
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("deepspeed")
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -315,7 +315,7 @@ def test_two_processes_sharing_a_table_never_lose_scores_silently(tmp_path):
         assert p.stdout.readline().strip() == "loaded"
     results = []
     for p in procs:  # both loaded the same file; they save one after the other
-        out, _ = p.communicate("go\n", timeout=60)
+        out, _ = p.communicate("go\n", timeout=900)  # hang guard
         results.append(out)
     assert results[0].startswith("saved")
     assert results[1].startswith("refused") and "written by another process after this one loaded it" in results[1] \

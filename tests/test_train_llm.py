@@ -1,6 +1,8 @@
 """launch/train_llm.py end to end: real launchers (deepspeed, torchrun, python), 2 CPU ranks,
 ZeRO 1-3, pruning that really skips samples, exact kill-and-resume, a simulated second node, and
-config validation. Tiny model and data (200 windows of 64 tokens, 3 epochs) to stay fast."""
+config validation, and the same windows as WebDataset tar shards (--data-format wds: pruning and
+exact kill-and-resume on TEDWebDataset's exact path). Tiny model and data (200 windows of 64
+tokens, 3 epochs) to stay fast."""
 from __future__ import annotations
 
 import importlib.util
@@ -28,7 +30,7 @@ EPOCHS = 3
 N = 200  # training windows
 TINY = ["--max-docs", "20", "--max-samples", str(N), "--seq-len", "64", "--epochs", str(EPOCHS),
         "--vocab-size", "512", "--micro-batch", "4", "--threads", "1", "--hidden", "64"]
-TIMEOUT = 240
+TIMEOUT = 1800  # a hang guard sized for a busy 2-core machine, not a speed check
 
 
 def _load_module():
@@ -116,16 +118,23 @@ def assert_pruned_as_masked(out: Path, table_path: Path, world: int = 2) -> Scor
     return table
 
 
+def prepare_tiny(root: Path, fmt: str) -> Path:
+    """The TINY corpus prepared in-process as train_llm.py would under ``root``; returns its folder."""
+    sys.path.insert(0, str(ROOT / "launch"))
+    import llm_data
+
+    folder = root / llm_data.data_tag(None, 512, 64, 20, N, fmt)
+    llm_data.prepare(str(folder), seq_len=64, vocab_size=512, max_docs=20, max_samples=N, fmt=fmt,
+                     log=lambda m: None)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def shared_data(tmp_path_factory):
     """The tiny dataset prepared once (in-process), shared read-only by the runs that pass
     --data-root and keep their table in their own run folder."""
-    sys.path.insert(0, str(ROOT / "launch"))
-    import llm_data
-
     root = tmp_path_factory.mktemp("data")
-    llm_data.prepare(str(root / llm_data.data_tag(None, 512, 64, 20, N)), seq_len=64, vocab_size=512,
-                     max_docs=20, max_samples=N, log=lambda m: None)
+    prepare_tiny(root, "mds")
     return root
 
 
@@ -288,3 +297,59 @@ def test_single_process_fine_tunes_a_hugging_face_folder(tmp_path, shared_data):
     epochs = [r for r in rows if r["type"] == "epoch"]
     assert [r["kept"] for r in epochs][0] == N and epochs[1]["kept"] < N
     assert epochs[1]["trained"] == epochs[1]["kept"]
+
+
+# ---- a WebDataset corpus: --data-format wds -----------------------------------------------------
+def test_wds_corpus_holds_the_mds_windows(tmp_path, shared_data):
+    """Both formats are prepared from the same windows, in the same order: the same sample ids."""
+    from streaming import StreamingDataset
+
+    import llm_data
+    from ted_stream.wds_index import WdsIndex
+
+    index = WdsIndex.open(str(prepare_tiny(tmp_path, "wds")))
+    mds = StreamingDataset(local=str(next(Path(shared_data).iterdir())), batch_size=1)
+    assert index.num_samples == mds.num_samples == N
+    for i in range(N):
+        assert llm_data.decode_window(index.read(i)) == {k: mds[i][k] for k in ("input_ids", "doc")}
+    with pytest.raises(ValueError, match="data format 'tfrecord' is invalid: expected one of mds, wds"):
+        llm_data.data_tag(None, 512, 64, 20, N, "tfrecord")
+
+
+def test_wds_corpus_prunes_and_resume_repeats_the_uninterrupted_run(tmp_path):
+    """--data-format wds on 2 ranks (ZeRO-2, torchrun): no pruned id reaches a rank, every kept id
+    once per epoch; --resume from the checkpoint at step 28, inside the first pruned epoch, gives
+    each rank the uninterrupted run's ids, masks, scores and losses from there on. (The run folder
+    is set up as a kill after step 28 leaves it; the kill itself is the MDS test's.)"""
+    data = tmp_path / "data"
+    prepare_tiny(data, "wds")  # once, read-only: each run keeps its table in its own folder
+    common = ["--data-format", "wds", "--data-root", data, "--save-every", "7", "--log-ids", *TINY]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    run(torchrun(free_port(), "--out", ref, "--table-dir", ref / "ted", "--keep-checkpoints", "0", *common),
+        tmp_path)
+    table = assert_pruned_as_masked(ref, ref / "ted" / "table.tedt")
+    assert metrics(ref)[-1]["saved"] > 0.15
+    ends = {r["epoch"]: r["step"] for r in metrics(ref) if r["type"] == "epoch"}
+    assert ends[0] < 28 < ends[1]
+
+    (cut / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ref / "checkpoints" / "step28", cut / "checkpoints" / "step28")
+    (cut / "checkpoints" / "latest").write_text("step28")
+    shutil.copytree(ref / "ids", cut / "ids")  # the resumed run drops the rows after its checkpoint
+    shutil.copy(ref / "metrics.jsonl", cut / "metrics.jsonl")
+    proc = run(torchrun(free_port(), "--out", cut, "--table-dir", cut / "ted", "--resume", *common), tmp_path)
+    assert "resumed from step28: epoch 1, step 28" in proc.stdout + proc.stderr
+
+    for rank in range(2):
+        assert seen_ids(cut, rank) == seen_ids(ref, rank)
+    resumed = ScoreTable.load(str(cut / "ted" / "table.tedt"))
+    for e in range(EPOCHS):
+        np.testing.assert_array_equal(resumed.masks[e].keep, table.masks[e].keep)
+    np.testing.assert_array_equal(resumed.scores, table.scores)
+    a = [r for r in metrics(ref) if r["type"] in ("step", "epoch")]
+    b = [r for r in metrics(cut) if r["type"] in ("step", "epoch")]
+    assert [(r["type"], r["step"]) for r in a] == [(r["type"], r["step"]) for r in b]
+    for ra, rb in zip(a, b):
+        for field in ("loss", "kept", "trained", "eval_loss"):
+            if field in ra:
+                assert ra[field] == pytest.approx(rb[field], rel=1e-6), (field, ra, rb)

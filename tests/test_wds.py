@@ -3,6 +3,7 @@ import gzip
 import io
 import json
 import os
+import re
 import tarfile
 import warnings
 
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader
 from conftest import free_port
 from ted_stream import TEDConfig, TableError
 from ted_stream import cli, wds_index
-from ted_stream.loaders.wds import CorruptSampleWarning, TEDWebDataset
+from ted_stream.loaders.wds import CorruptSampleWarning, TEDWebDataset, TEDWebLoader
 from ted_stream.policy import select
 from ted_stream.wds_index import CorruptSample, ManifestError, WdsIndex, index_shards
 
@@ -398,3 +399,22 @@ def test_docs_example_runs(capsys):
         " kept 256", " kept 128", " kept 128", " kept 256"]
     assert "128 per rank" in out.splitlines()[1]
     assert "streaming epoch 2: 10 batches" in out and "resumed epoch 1 with 80 samples left" in out
+
+
+def test_docs_training_loop_resumes_exactly(capsys):
+    """docs/webdataset.md's second example: TEDProtocol over TEDWebLoader, a checkpoint in the middle
+    of a pruned epoch, and a resume that ends with the uninterrupted run's ids and figures."""
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "webdataset.md")).read()
+    code = re.search(r"<!-- test: training-loop -->\n```python\n(.*?)```", doc, re.S).group(1)
+    exec(compile(code, "docs/webdataset.md", "exec"), {"__name__": "docs_example"})
+    out = capsys.readouterr().out
+    assert [int(k) for k in re.findall(r"kept (\d+),", out)] == [256, 128, 128, 256]
+    assert "resumed run agrees: True (448 samples after the checkpoint)" in out
+
+
+def test_loader_refuses_what_the_dataset_decides(shards):
+    ds = dataset(shards)
+    with pytest.raises(ValueError, match=r"TEDWebLoader got \['batch_size', 'shuffle'\]: expected none of them"):
+        TEDWebLoader(ds, batch_size=8, shuffle=True)
+    with pytest.raises(TypeError, match="dataset is a list: expected a TEDWebDataset"):
+        TEDWebLoader([1, 2])

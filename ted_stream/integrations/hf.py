@@ -4,15 +4,18 @@
     trainer.train()                                   # or train(resume_from_checkpoint=True)
 
 ``TEDTrainer`` (or ``TEDTrainerMixin`` in front of another Trainer subclass) takes a
-``TEDStreamingDataset`` as ``train_dataset`` and runs the TED protocol (``ted_stream.protocol``):
+``TEDStreamingDataset`` (MDS shards) or a ``TEDWebDataset`` (indexed WebDataset tar shards) as
+``train_dataset`` and runs the TED protocol (``ted_stream.protocol``):
 
-* the loader is streaming's ``StreamingDataLoader``, handed to the Trainer as is: streaming
-  already partitions the epoch by rank, so accelerate must neither shard nor dispatch it;
+* the loader is streaming's ``StreamingDataLoader`` (or, for tar shards, the exact path's
+  ``TEDWebLoader``), handed to the Trainer as is: the dataset already partitions the epoch by
+  rank, so accelerate must neither shard nor dispatch it;
 * each epoch's keep-mask is frozen when the Trainer calls the loader's ``set_epoch``, and the
   loader's length is the epoch's (pruned) number of batches;
 * the per-sample loss is weighted by ``ted_weight``; each sample's score is recorded;
 * every Trainer checkpoint gets the table and the TED/loader state; ``resume_from_checkpoint``
-  restores them, so the resumed run yields the sample stream of the uninterrupted one;
+  restores them, so the resumed run yields the sample stream of the uninterrupted one; the table
+  file is saved when training ends, too;
 * the learning-rate schedule follows epoch progress, so it ends with the last (pruned) epoch;
 * each epoch's kept / pruned / trained / saved figures go to the Trainer's logs.
 """
@@ -36,10 +39,12 @@ from torch import Tensor
 
 from .. import dist
 from ..loaders.streaming import TEDStreamingDataset
+from ..loaders.wds import TEDWebDataset, TEDWebLoader
 from ..protocol import TEDProtocol
 from ..scorer import per_sample_ce, per_sample_lm_loss
 
-__all__ = ["TEDTrainer", "TEDTrainerMixin", "TEDCallback", "TEDLoader", "causal_lm_loss", "STATE_FILE"]
+__all__ = ["TEDTrainer", "TEDTrainerMixin", "TEDCallback", "TEDLoader", "TEDWebTrainerLoader", "causal_lm_loss",
+           "STATE_FILE"]
 
 STATE_FILE = "ted_state.pt"  # the protocol's and the loader's state, beside the Trainer's files
 
@@ -66,33 +71,60 @@ class _Collate:
         return batch
 
 
-class TEDLoader(StreamingDataLoader):
-    """streaming's loader as the Trainer sees it: ``set_epoch`` (which the Trainer calls at each
-    epoch start) freezes that epoch's mask, and ``len`` is the batches left in that epoch. Before
-    the first epoch the length is the unpruned one, from which the Trainer sizes its schedule."""
+class _TrainerEpochs:
+    """A loader as the Trainer sees it: ``set_epoch`` (which the Trainer calls at each epoch
+    start) freezes that epoch's mask, and ``len`` is the batches left in that epoch. Before the
+    first epoch the length is the unpruned one, from which the Trainer sizes its schedule."""
 
-    def __init__(self, dataset: TEDStreamingDataset, protocol: TEDProtocol,
-                 on_epoch: Callable[[dict[str, int]], None], **kwargs: Any) -> None:
-        super().__init__(dataset, batch_size=dataset.batch_size, **kwargs)
+    dataset: Any
+
+    def _follow(self, protocol: TEDProtocol, on_epoch: Callable[[dict[str, int]], None]) -> None:
         self.protocol = protocol
         self.on_epoch = on_epoch
         self._started = False
 
     def set_epoch(self, epoch: int) -> None:
-        # The Trainer's epoch number is not streaming's after a resume (it divides the global
-        # step by the unpruned epoch length): the protocol starts the epoch streaming iterates.
+        # The Trainer's epoch number is not the loader's after a resume (it divides the global
+        # step by the unpruned epoch length): the protocol starts the epoch the loader iterates.
         self._started = True
         self.on_epoch(self.protocol.start_epoch())
 
+    def _unpruned_samples(self) -> int:
+        raise NotImplementedError
+
     def __len__(self) -> int:
         if not self._started:
-            return ceil(self.dataset.length / self.dataset.batch_size)
+            return ceil(self._unpruned_samples() / self.dataset.batch_size)
         return self.protocol.remaining()
+
+
+class TEDLoader(_TrainerEpochs, StreamingDataLoader):
+    """streaming's loader for a ``TEDStreamingDataset`` (see ``_TrainerEpochs``)."""
+
+    def __init__(self, dataset: TEDStreamingDataset, protocol: TEDProtocol,
+                 on_epoch: Callable[[dict[str, int]], None], **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size=dataset.batch_size, **kwargs)
+        self._follow(protocol, on_epoch)
+
+    def _unpruned_samples(self) -> int:
+        return self.dataset.length
+
+
+class TEDWebTrainerLoader(_TrainerEpochs, TEDWebLoader):
+    """The exact path's loader for a ``TEDWebDataset`` (see ``_TrainerEpochs``)."""
+
+    def __init__(self, dataset: TEDWebDataset, protocol: TEDProtocol,
+                 on_epoch: Callable[[dict[str, int]], None], **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self._follow(protocol, on_epoch)
+
+    def _unpruned_samples(self) -> int:
+        return ceil(self.dataset.num_samples / self.dataset.world_size)
 
 
 class TEDCallback(TrainerCallback):
     """The Trainer events of the protocol: epoch accounting and logs, checkpoints, stopping
-    after the configured epochs, and ``state.epoch`` in streaming's epochs."""
+    after the configured epochs, and ``state.epoch`` in the loader's epochs."""
 
     def __init__(self, trainer: "TEDTrainerMixin") -> None:
         self.trainer = trainer
@@ -108,6 +140,11 @@ class TEDCallback(TrainerCallback):
         # A resumed Trainer may plan more epochs than are left (see TEDLoader.set_epoch).
         if ted.epoch + 1 >= ted.epochs:
             control.should_training_stop = True
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # The last epoch's scores reach the table file even without a checkpoint at the end.
+        self.trainer.ted.flush()
+        self.trainer.ted.dataset.save_table()
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
@@ -132,12 +169,17 @@ class TEDTrainerMixin:
                  ted_flush_every: int = 16, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         ds, targs = self.train_dataset, self.args
-        if not isinstance(ds, TEDStreamingDataset):
-            raise TypeError(f"train_dataset is a {type(ds).__name__}: expected a TEDStreamingDataset")
+        if not isinstance(ds, (TEDStreamingDataset, TEDWebDataset)):
+            raise TypeError(f"train_dataset is a {type(ds).__name__}: expected a TEDStreamingDataset or a "
+                            "TEDWebDataset")
         if ds.batch_size != targs.per_device_train_batch_size:
-            raise ValueError(f"TEDStreamingDataset(batch_size={ds.batch_size}) but per_device_train_batch_size="
-                             f"{targs.per_device_train_batch_size}: expected the same per-rank batch (streaming "
-                             "partitions each epoch by it)")
+            raise ValueError(f"{type(ds).__name__}(batch_size={ds.batch_size}) but per_device_train_batch_size="
+                             f"{targs.per_device_train_batch_size}: expected the same per-rank batch (the "
+                             "dataset partitions each epoch by it)")
+        if isinstance(ds, TEDWebDataset) and (ds.rank, ds.world_size) != (targs.process_index, targs.world_size):
+            raise ValueError(f"TEDWebDataset(rank={ds.rank}, world_size={ds.world_size}) but the Trainer runs rank "
+                             f"{targs.process_index} of {targs.world_size}: expected the same (create the dataset "
+                             "after TrainingArguments, which sets up torch.distributed, or pass rank= and world_size=)")
         if targs.max_steps > 0:
             raise ValueError(f"max_steps={targs.max_steps}: expected -1; TED training is counted in epochs "
                              "(num_train_epochs), since pruned epochs have fewer steps")
@@ -149,20 +191,22 @@ class TEDTrainerMixin:
         # Our loss is a per-sample mean: the Trainer must divide it by the accumulation steps
         # itself, as for any loss that ignores num_items_in_batch.
         self.model_accepts_loss_kwargs = False
-        # streaming's loader state resumes mid-epoch; the Trainer's own batch skipping would
-        # skip those batches a second time.
+        # The loader's state resumes mid-epoch; the Trainer's own batch skipping would skip those
+        # batches a second time.
         targs.ignore_data_skip = True
-        self._ted_loader: Optional[TEDLoader] = None
+        self._ted_loader: Optional[_TrainerEpochs] = None
         self.add_callback(TEDCallback(self))
 
     # ---- data ----------------------------------------------------------------------------------
-    def get_train_dataloader(self) -> TEDLoader:
-        """streaming's loader, not passed through accelerate (which would re-shard it by rank)."""
+    def get_train_dataloader(self) -> _TrainerEpochs:
+        """The dataset's own loader (``TEDLoader`` or ``TEDWebTrainerLoader``), not passed through
+        accelerate (which would re-shard it by rank)."""
         if self._ted_loader is None:
             targs = self.args
             workers = targs.dataloader_num_workers
             extra = {"prefetch_factor": targs.dataloader_prefetch_factor} if workers else {}
-            self._ted_loader = TEDLoader(
+            kind = TEDWebTrainerLoader if isinstance(self.train_dataset, TEDWebDataset) else TEDLoader
+            self._ted_loader = kind(
                 self.train_dataset, self.ted, self._log_epoch_start,
                 collate_fn=_Collate(self._get_collator_with_removed_columns(self.data_collator, "training")),
                 num_workers=workers, pin_memory=targs.dataloader_pin_memory,

@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import tempfile
+import time
 import warnings
 from math import ceil
 from typing import Any, Mapping, Optional, Union
 from urllib.parse import urlparse
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
 from streaming import StreamingDataset
 from streaming.base.storage import CloudDownloader, CloudUploader
 from streaming.base.storage.upload import UPLOADERS
+from torch.utils.data import get_worker_info
 
 from .. import dist
 from .. import filter as sample_filters
@@ -29,7 +33,7 @@ from ..fingerprint import index_fingerprint
 from ..policy import PruningWarning, select
 from ..pruner import HasPruner, Pruner, as_config
 from ..schedule import pruned_fraction
-from ..table import FILENAME, EpochMask, ScoreTable, copy_atomic
+from ..table import FILENAME, EpochMask, ScoreTable
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +67,28 @@ def table_home(streams: Any, digest: str) -> tuple[str, Optional[str]]:
     return local, os.path.join(first.remote, first.split or "", sub)
 
 
+_PREFIX_RETRIES = 8
+
+
+def _init_upstream(ds: StreamingDataset, kwargs: dict[str, Any]) -> None:
+    """``StreamingDataset.__init__``, retried when another job on this machine registered the same
+    shared-memory prefix between streaming's check and its create (upstream's race: two datasets
+    built at the same moment both see prefix N free). Only a single process can simply retry: in
+    a distributed job the ranks would leave streaming's barriers out of step."""
+    for attempt in range(_PREFIX_RETRIES + 1):
+        try:
+            StreamingDataset.__init__(ds, **kwargs)
+            return
+        except FileExistsError as err:
+            if not str(err).rstrip("'").endswith("_locals"):
+                raise
+            if dist.active() or attempt == _PREFIX_RETRIES:
+                raise RuntimeError(f"streaming's shared-memory prefix {err.filename} was taken by another job "
+                                   "that started at the same moment on this machine (a race inside "
+                                   "mosaicml-streaming); start this job again") from err
+            time.sleep(random.SystemRandom().uniform(0.05, 0.5))  # jitter, without touching the global seed
+
+
 class TEDStreamingDataset(HasPruner, StreamingDataset):
     """A ``StreamingDataset`` whose epochs skip the samples the TED policy prunes.
 
@@ -86,7 +112,7 @@ class TEDStreamingDataset(HasPruner, StreamingDataset):
                  sample_filter: Optional[sample_filters.SampleFilter] = None, **kwargs: Any) -> None:
         ted = as_config(ted)
         _local_world_size_from_deepspeed()
-        super().__init__(**kwargs)
+        _init_upstream(self, kwargs)
         self.ted = ted
         self.groups = groups
         self._epoch_size_all = self.epoch_size  # upstream's, restored for epochs that keep all
@@ -111,6 +137,7 @@ class TEDStreamingDataset(HasPruner, StreamingDataset):
         self._implicit: dict[int, EpochMask] = {}  # epochs frozen without start_epoch, from the file
         self._run_granule: Optional[int] = None  # the granule of the run a checkpoint came from
         self._kept_sizes: dict[int, int] = {}
+        self._boost_bits: Optional[tuple[EpochMask, bytes, float]] = None  # see _boost_weight
 
     @property
     def groups(self) -> Optional[NDArray[np.integer]]:
@@ -160,8 +187,19 @@ class TEDStreamingDataset(HasPruner, StreamingDataset):
         sample = super().get_item(sample_id, retry)
         mask = self._iter_mask if self._iter_epoch is not None else self.table.masks.get(self._epoch)
         sample["ted_id"] = int(sample_id)
-        sample["ted_weight"] = float(mask.weights([sample_id])[0]) if mask is not None else 1.0
+        sample["ted_weight"] = 1.0 if mask is None or mask.boost is None else self._boost_weight(mask, sample_id)
+        if get_worker_info() is not None:  # in a DataLoader worker: see _WorkerSample
+            sample = _WorkerSample(sample)
         return sample
+
+    def _boost_weight(self, mask: EpochMask, sample_id: int) -> float:
+        """``mask.weights([sample_id])``, without numpy's per-call cost: the boost bits as bytes,
+        read per sample in plain Python (the same float32-rounded weight)."""
+        cached = self._boost_bits
+        if cached is None or cached[0] is not mask:
+            cached = self._boost_bits = (mask, mask.boost.tobytes(), float(np.float32(mask.boost_weight)))
+        sample_id = int(sample_id)
+        return cached[2] if (cached[1][sample_id >> 3] >> (sample_id & 7)) & 1 else 1.0
 
     def _mask_for(self, epoch: int) -> Optional[EpochMask]:
         """The keep-mask of ``epoch``; None means all data. Never raises for a missing mask.
@@ -304,12 +342,7 @@ class TEDStreamingDataset(HasPruner, StreamingDataset):
         from the replaced table are forgotten. A collective under torch.distributed; call it
         before iterating and before ``load_state_dict``.
         """
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"load_table: {path} is missing: expected a score table file")
-        if self.pruner.leader:  # the node's copy (nodes may each hold their own)
-            copy_atomic(path, self.table_path)
-        dist.barrier()
-        self.pruner.reload()
+        self.pruner.replace(path)
         self._implicit.clear()
         self._kept_sizes.clear()
         self._iter_epoch, self._iter_mask = None, None
@@ -394,6 +427,49 @@ class TEDStreamingDataset(HasPruner, StreamingDataset):
         if self._run_granule is not None:
             return self._run_granule
         return self._parallel_rank_world.num_ranks * (self.batch_size or 1)
+
+
+_TED_KEYS = ("ted_id", "ted_weight")
+
+
+class _WorkerSample(dict):
+    """A sample read in a DataLoader worker; unpickled (in the main process) it is a plain dict.
+
+    torch's ``default_collate`` builds a batch of these as a copy of the first sample, so the batch
+    is one too. The worker pickles the batch to the main process, and torch moves *every* tensor
+    in it through a shared-memory segment of its own whose file descriptor the main process
+    fetches over a fresh authenticated socket connection to the worker: about 0.3-1 ms per tensor,
+    whatever its size. The two small tensors the loader adds (``ted_id``, ``ted_weight``: 16 bytes
+    per sample) would double or triple that per-batch cost (20-40 us per sample at batch 64, 2
+    workers); here they travel as bytes inside the pickle instead and are rebuilt as the same
+    tensors (same dtype, shape and values, in ordinary memory). Other keys are untouched.
+    """
+
+    __slots__ = ()
+
+    def __copy__(self) -> "_WorkerSample":
+        return _WorkerSample(self)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        plain, packed = dict(self), []
+        for key in _TED_KEYS:
+            value = plain.get(key)
+            if (type(value) is torch.Tensor and value.device.type == "cpu" and value.layout == torch.strided
+                    and not value.requires_grad and value.dtype in _NUMPY_DTYPES):
+                array = value.numpy()
+                plain[key] = (array.tobytes(), array.dtype.str, array.shape)
+                packed.append(key)
+        return _plain_sample, (plain, tuple(packed))
+
+
+_NUMPY_DTYPES = (torch.int64, torch.int32, torch.float64, torch.float32)
+
+
+def _plain_sample(plain: dict[str, Any], packed: tuple[str, ...]) -> dict[str, Any]:
+    for key in packed:
+        data, dtype, shape = plain[key]
+        plain[key] = torch.from_numpy(np.frombuffer(bytearray(data), dtype=dtype).reshape(shape))
+    return plain
 
 
 def _bools(packed: Any, count: Optional[int] = None) -> NDArray[np.bool_]:

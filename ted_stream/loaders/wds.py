@@ -7,6 +7,8 @@ Two ways to read the same indexed shards (``ted-stream index``), one score table
   kept ids over ranks, shuffled by (seed, epoch), every rank padded to the same count with kept ids
   only; DataLoader workers fetch whole batches of that order, in order, so a checkpoint resumes
   exactly mid-epoch;
+  ``TEDWebLoader`` is that DataLoader with its position, saved and restored like mosaicml-streaming's
+  ``StreamingDataLoader`` (what ``TEDProtocol``, ``launch/train_llm.py`` and the Trainer integration use);
 * the streaming path: ``wds_shards()`` and ``wds_select()``, stages of a webdataset pipeline that
   deal the shards over ranks x workers and drop the pruned samples by id before decoding. Tar
   shards are read front to back there, so pruned samples' bytes are still read (not decoded),
@@ -89,6 +91,7 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
         self.decode, self.batch_size, self.shuffle, self.seed = decode, batch_size, shuffle, seed
         self._epoch: Optional[int] = None  # the epoch last frozen (or resumed)
         self._resume: Optional[tuple[int, int]] = None  # (epoch, samples this rank already consumed)
+        self._served: Optional[int] = None  # the epoch the sampler last began to serve
         self._order: dict[int, np.ndarray] = {}  # the last epoch asked for -> this rank's ids, in order
         self._boosted: Optional[tuple[int, Optional[np.ndarray], float]] = None  # see _weight
 
@@ -122,6 +125,19 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
             self._resume = None  # a checkpoint of another epoch says nothing about this one
         self._epoch = int(epoch)
         return mask
+
+    def upcoming_epoch(self) -> int:
+        """The epoch the sampler serves next: a loaded checkpoint's epoch until it is served, else
+        the one after the epoch last served (0 at first)."""
+        if self._resume is not None:
+            return self._resume[0]
+        return 0 if self._served is None else self._served + 1
+
+    def load_table(self, path: str) -> None:
+        """Replace the table by the one at ``path`` (a checkpoint's copy: the live table may be
+        ahead of it). A collective under torch.distributed; call it before ``load_state_dict``."""
+        self.pruner.replace(path)
+        self._order, self._boosted = {}, None
 
     def record(self, ids: Any, scores: Any) -> None:
         """Fold per-sample scores (keyed by the batch's ``ted_id``) into the table."""
@@ -258,13 +274,18 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
                                  "the epoch order depends on it, so the resume would not be exact")
         epoch = state["epoch"]
         mask = self.pruner.mask(epoch)
-        if mask is None or mask.crc != state["mask_crc"]:
+        # mask_crc None: a checkpoint taken at the start of an epoch not yet frozen (next_epoch_state)
+        if state["mask_crc"] is not None and (mask is None or mask.crc != state["mask_crc"]):
             found = "no mask" if mask is None else f"mask CRC {mask.crc:#010x}"
             raise ValueError(f"cannot resume epoch {epoch}: the checkpoint's keep-mask has CRC "
                              f"{state['mask_crc']:#010x} but the table at {self.table_path} holds {found}; "
                              "resume with the table saved alongside the checkpoint")
         self._resume = (epoch, int(state["samples_in_epoch"]))
         self._epoch = epoch
+
+    def _resume_offset(self, epoch: int) -> int:
+        """Samples of ``epoch`` this rank consumed before a loaded checkpoint (0 without one)."""
+        return self._resume[1] if self._resume is not None and self._resume[0] == epoch else 0
 
     # ---- the streaming path (webdataset pipeline stages) -------------------------------------
     def _slot(self) -> tuple[int, int]:
@@ -380,16 +401,60 @@ class EpochSampler(torch.utils.data.Sampler):
     def __init__(self, dataset: TEDWebDataset):
         self.dataset = dataset
 
-    def _start(self, epoch: int) -> int:
-        resume = self.dataset._resume
-        return resume[1] if resume is not None and resume[0] == epoch else 0
-
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.dataset._current_epoch()
-        ids = self.dataset.rank_ids(epoch)[self._start(epoch):]
-        self.dataset._resume = None  # consumed: the next pass over the loader is a new epoch's
+        ds = self.dataset
+        epoch = ds._current_epoch()
+        ids = ds.rank_ids(epoch)[ds._resume_offset(epoch):]
+        ds._resume = None  # consumed: the next pass over the loader is a new epoch's
+        ds._served = epoch
         return ((epoch, int(i)) for i in ids)
 
     def __len__(self) -> int:
         epoch = self.dataset._current_epoch()
-        return len(self.dataset.rank_ids(epoch)) - self._start(epoch)
+        return len(self.dataset.rank_ids(epoch)) - self.dataset._resume_offset(epoch)
+
+
+class TEDWebLoader(torch.utils.data.DataLoader):
+    """The exact path's ``DataLoader``: ``dataset.sampler`` in batches of ``dataset.batch_size``,
+    keeping its position in the epoch so that a checkpoint resumes exactly, like
+    mosaicml-streaming's ``StreamingDataLoader``: ``state_dict()`` (JSON-serialisable) and
+    ``load_state_dict(state)``. Takes ``DataLoader``'s other keyword arguments (``collate_fn``,
+    ``num_workers``, ...)."""
+
+    def __init__(self, dataset: TEDWebDataset, **kwargs: Any) -> None:
+        if not isinstance(dataset, TEDWebDataset):
+            raise TypeError(f"dataset is a {type(dataset).__name__}: expected a TEDWebDataset")
+        fixed = sorted(k for k in ("batch_size", "sampler", "batch_sampler", "shuffle", "drop_last") if k in kwargs)
+        if fixed:
+            raise ValueError(f"TEDWebLoader got {fixed}: expected none of them (the dataset's batch_size and "
+                             "sampler decide the order, and no kept sample is dropped)")
+        super().__init__(dataset, batch_size=dataset.batch_size, sampler=dataset.sampler, **kwargs)
+        self._position: tuple[Optional[int], int] = (None, 0)  # (epoch, samples this rank took from it)
+
+    def __iter__(self) -> Iterator[Any]:
+        ds = self.dataset
+        epoch = ds._current_epoch()
+        done, total = ds._resume_offset(epoch), len(ds.rank_ids(epoch))
+        self._position = (epoch, done)
+        for batch in super().__iter__():  # consecutive batches of this rank's order, the last one short
+            done = min(done + ds.batch_size, total)
+            self._position = (epoch, done)
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The resume point: the current epoch and the samples this rank took from it."""
+        ds = self.dataset
+        epoch, done = self._position
+        current = ds._current_epoch()
+        return ds.state_dict(done if epoch == current else ds._resume_offset(current))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at ``state`` (see ``TEDWebDataset.load_state_dict``)."""
+        self.dataset.load_state_dict(state)
+        self._position = (None, 0)
+
+
+def next_epoch_state(state: dict[str, Any], epoch: int) -> dict[str, Any]:
+    """``state`` moved to the start of ``epoch``, whose mask is not frozen yet: for a checkpoint
+    taken at the end of the epoch before, in loops that stop on an empty epoch."""
+    return dict(state, epoch=epoch, samples_in_epoch=0, mask_crc=None)
