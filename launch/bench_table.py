@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 
 from provenance import provenance
 from ted_stream import TEDConfig
-from ted_stream.dist import all_gather_records
+from ted_stream.dist import all_gather_records, record_bytes
 from ted_stream.policy import select
 from ted_stream.table import ScoreTable
 
@@ -82,7 +82,7 @@ def _merge_rank(rank: int, world: int, n: int, port: int, out: str) -> None:
     vals = np.random.default_rng(rank).standard_normal(len(ids), dtype=np.float32)
     table = ScoreTable(n, {"digest": "0" * 64, "num_samples": n})
     dist.barrier()
-    gathered, t_gather, _ = timed(lambda: all_gather_records(ids, vals))
+    gathered, t_gather, _ = timed(lambda: all_gather_records(ids, vals, n))
     _, t_fold, _ = timed(lambda: [table.record(i, v) for i, v in gathered])
     if rank == 0:
         with open(out, "w") as f:
@@ -95,11 +95,10 @@ def bench_merge(n: int, world: int, folder: str) -> dict:
     mp.spawn(_merge_rank, args=(world, n, 29_000 + os.getpid() % 1000, out), nprocs=world)
     with open(out) as f:
         t = json.load(f)
-    # all_gather_records sends (id, score) as two float64: 16 bytes per sample from each rank,
-    # and every rank receives all n records.
+    # Each rank sends its records (record_bytes each) and receives all n of them.
     return {"num_samples": n, "world": world, "gloo_on_cpu": True, "gather_s": round(t["gather_s"], 2),
             "fold_s": round(t["fold_s"], 2), "ns_per_sample": round(1e9 * (t["gather_s"] + t["fold_s"]) / n, 1),
-            "bytes_received_per_sample": 16, "bytes_sent_per_sample_per_rank": 16}
+            "bytes_received_per_sample": record_bytes(n), "bytes_sent_per_sample_per_rank": record_bytes(n)}
 
 
 def main() -> None:

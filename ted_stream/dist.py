@@ -39,22 +39,33 @@ def broadcast_bytes(data: np.ndarray | None, src: int = 0) -> np.ndarray:
     return buf.cpu().numpy()
 
 
-def all_gather_records(ids: np.ndarray, values: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Every rank's (ids, values), in rank order, on every rank."""
+def record_bytes(num_samples: int) -> int:
+    """Bytes one (id, score) record takes on the wire: a 32-bit id while every id fits in it
+    (tables below 2**31 samples), else a 64-bit one, plus a float32 score."""
+    return (4 if num_samples <= 2**31 else 8) + 4
+
+
+def all_gather_records(ids: np.ndarray, values: np.ndarray, num_samples: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every rank's (ids, values), in rank order, on every rank; ids lie in [0, num_samples)."""
     dev = collective_device()
     world = dist.get_world_size()
+    id_type = np.int32 if record_bytes(num_samples) == 8 else np.int64
     n = torch.tensor([len(ids)], dtype=torch.int64, device=dev)
     sizes = [torch.zeros_like(n) for _ in range(world)]
     dist.all_gather(sizes, n)
-    longest = int(max(s.item() for s in sizes))
-    packed = torch.zeros(2, longest, dtype=torch.float64, device=dev)
-    # float64 holds every sample id below 2**53 exactly, and every float32 score.
-    packed[0, : len(ids)] = torch.from_numpy(ids.astype(np.float64))
-    packed[1, : len(ids)] = torch.from_numpy(values.astype(np.float64))
-    gathered = [torch.empty_like(packed) for _ in range(world)]
-    dist.all_gather(gathered, packed)
+    counts = [int(s.item()) for s in sizes]
+    longest = max(counts) * record_bytes(num_samples)
+    # One byte buffer per rank: its ids, then its scores; shorter ranks padded to the longest.
+    mine = np.zeros(longest, np.uint8)
+    raw = np.concatenate([np.ascontiguousarray(ids, id_type).view(np.uint8),
+                          np.ascontiguousarray(values, np.float32).view(np.uint8)])
+    mine[: len(raw)] = raw
+    gathered = [torch.empty(longest, dtype=torch.uint8, device=dev) for _ in range(world)]
+    dist.all_gather(gathered, torch.from_numpy(mine).to(dev))
     out = []
-    for size, g in zip(sizes, gathered):
-        g = g[:, : int(size.item())].cpu().numpy()
-        out.append((g[0].astype(np.int64), g[1].astype(np.float32)))
+    for count, g in zip(counts, gathered):
+        g = g.cpu().numpy()
+        cut = count * np.dtype(id_type).itemsize
+        out.append((g[:cut].view(id_type).astype(np.int64),
+                    g[cut: cut + 4 * count].view(np.float32).copy()))
     return out

@@ -115,7 +115,7 @@ class Pruner:
         ids = np.concatenate([p[0] for p in self._pending]) if self._pending else np.empty(0, np.int64)
         vals = np.concatenate([p[1] for p in self._pending]) if self._pending else np.empty(0, np.float32)
         self._pending = []
-        for rank_ids, rank_vals in dist.all_gather_records(ids, vals):
+        for rank_ids, rank_vals in dist.all_gather_records(ids, vals, self.num_samples):
             self.table.record(rank_ids, rank_vals)
 
     def freeze(self, epoch: int, choose: Selector) -> EpochMask:

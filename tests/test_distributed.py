@@ -64,3 +64,36 @@ def test_collectives_use_the_backends_device(monkeypatch):
     monkeypatch.setattr(ted_dist.dist, "get_backend", lambda *a: "nccl")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     assert ted_dist.collective_device() == torch.device("cuda", 3)
+
+
+def _gather_main(rank, port, out):
+    import torch.distributed as dist
+
+    from ted_stream.dist import all_gather_records
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    results = {}
+    # Uneven counts (rank 1 scored nothing in the first case), repeated ids, scores that
+    # float32 holds exactly, ids at the top of each width's range.
+    for name, num_samples, ids in [("narrow", 2**31, [[2**31 - 1, 0, 5, 5], []]),
+                                   ("wide", 2**40, [[2**40 - 1, 3], [2**33 + 7]])]:
+        mine = np.array(ids[rank], np.int64)
+        vals = (np.arange(len(mine), dtype=np.float32) + 0.25) * (rank + 1)
+        for r, (got_ids, got_vals) in enumerate(all_gather_records(mine, vals, num_samples)):
+            results[f"{name}{r}_ids"], results[f"{name}{r}_vals"] = got_ids, got_vals
+    np.savez(os.path.join(out, f"gather{rank}.npz"), **results)
+    dist.destroy_process_group()
+
+
+def test_all_gather_records_round_trips_every_ranks_records(tmp_path):
+    from ted_stream.dist import record_bytes
+
+    assert record_bytes(2**31) == 8 and record_bytes(2**31 + 1) == 12
+    mp.spawn(_gather_main, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    expected = {"narrow": [[2**31 - 1, 0, 5, 5], []], "wide": [[2**40 - 1, 3], [2**33 + 7]]}
+    for rank in range(2):
+        got = np.load(tmp_path / f"gather{rank}.npz")
+        for name, per_rank in expected.items():
+            for r, ids in enumerate(per_rank):
+                assert got[f"{name}{r}_ids"].dtype == np.int64 and got[f"{name}{r}_ids"].tolist() == ids
+                assert got[f"{name}{r}_vals"].tolist() == [(i + 0.25) * (r + 1) for i in range(len(ids))]
