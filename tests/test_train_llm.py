@@ -2,7 +2,8 @@
 ZeRO 1-3, pruning that really skips samples, exact kill-and-resume, a simulated second node, and
 config validation, and the same windows as WebDataset tar shards (--data-format wds: pruning and
 exact kill-and-resume on TEDWebDataset's exact path). Tiny model and data (200 windows of 64
-tokens, 3 epochs) to stay fast."""
+tokens, 3 epochs) to stay fast. The ZeRO-3 kill-and-resume, the pretrained-folder fine-tune and the
+WebDataset run take a minute or more each on 2 cores: marked `slow` (`.ci/run` runs them)."""
 from __future__ import annotations
 
 import importlib.util
@@ -199,6 +200,7 @@ def test_zero2_through_the_deepspeed_launcher_prunes(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step")) == ["step20", "step40"]
 
 
+@pytest.mark.slow  # a minute or more on 2 cores: .ci/run runs it with -m slow
 def test_kill_and_resume_at_zero3_repeats_the_uninterrupted_run(tmp_path, shared_data):
     """SIGKILL right after step 10 (last checkpoint: step 8), then --resume: the same samples in
     the same order on each rank, the same masks and bit-identical scores."""
@@ -274,6 +276,7 @@ def test_two_simulated_nodes_share_one_mask(tmp_path):
     np.testing.assert_array_equal(t0.scores, t1.scores)
 
 
+@pytest.mark.slow  # a minute or more on 2 cores: .ci/run runs it with -m slow
 def test_single_process_fine_tunes_a_hugging_face_folder(tmp_path, shared_data):
     """`python launch/train_llm.py --model FOLDER`: a world of one, a pretrained model and its own
     tokenizer (here a tiny Llama saved with save_pretrained, standing in for a real checkpoint)."""
@@ -316,6 +319,7 @@ def test_wds_corpus_holds_the_mds_windows(tmp_path, shared_data):
         llm_data.data_tag(None, 512, 64, 20, N, "tfrecord")
 
 
+@pytest.mark.slow  # a minute or more on 2 cores: .ci/run runs it with -m slow
 def test_wds_corpus_prunes_and_resume_repeats_the_uninterrupted_run(tmp_path):
     """--data-format wds on 2 ranks (ZeRO-2, torchrun): no pruned id reaches a rank, every kept id
     once per epoch; --resume from the checkpoint at step 28, inside the first pruned epoch, gives
