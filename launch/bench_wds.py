@@ -2,7 +2,8 @@
 
 Writes synthetic shards (random ASCII text + a class label per sample), indexes them, then times
 whole epochs, in one process (num_workers=0, so the numbers compare per-core cost), repeats
-interleaved round-robin so that a busy neighbour slows every variant alike. Times are CPU seconds
+interleaved round-robin, each repeat starting one variant later, so that a busy neighbour slows
+every variant alike. Times are CPU seconds
 of this process (``time.process_time``) as well as wall seconds: on a shared machine the wall
 clock measures the neighbours too, the CPU time mostly does not.
 
@@ -21,6 +22,7 @@ Prints one JSON object per line and a final summary object; ``--out`` also write
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -143,9 +145,13 @@ def run(args: argparse.Namespace, folder: str) -> dict[str, Any]:
     shard_bytes = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".tar"))
     runs: dict[str, list[tuple[float, float, int, int]]] = {k: [] for k in variants}
     variants["plain webdataset"]()  # warm the page cache: every variant then reads from memory
+    names = list(variants)
     for r in range(args.repeats):
-        for name, epoch in variants.items():
-            wall, cpu, samples, read = timed(epoch)
+        # Each repeat starts one variant later, so no variant always runs right after another's
+        # garbage; a full collection before each epoch keeps it out of the next one's time.
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            gc.collect()
+            wall, cpu, samples, read = timed(variants[name])
             runs[name].append((wall, cpu, samples, read))
             print(json.dumps({"repeat": r, "variant": name, "wall_s": round(wall, 4), "cpu_s": round(cpu, 4),
                               "samples": samples, "bytes_read": read}), flush=True)
