@@ -50,7 +50,7 @@ def select(cfg: TEDConfig, table: ScoreTable, epoch: int, granule: int = 1,
         scored = table.scored
         scores = table.score_array()
         below = scored & (scores < scores[scored].mean()) if scored.any() else np.zeros(n, dtype=bool)
-        count = int(below.sum())
+        count = _count(below)
         k = _rounded(round(fraction * count), n, count, granule)
         return _drop_and_boost(epoch, _uniform_draw(below, k, rng), below, math.inf)
     return _ted(cfg, table, epoch, rng, round(fraction * n), granule, groups)
@@ -60,7 +60,7 @@ def _ted(cfg: TEDConfig, table: ScoreTable, epoch: int, rng: np.random.Generator
          groups: Optional[np.ndarray]) -> EpochMask:
     n = table.num_samples
     candidates = table.scored  # never prune a sample that was never scored
-    count = int(candidates.sum())
+    count = _count(candidates)
     if k > count:
         warnings.warn(f"epoch {epoch}: the schedule prunes {k} of {n} samples but only {count} "
                       f"have a score, so only those can be pruned; record a score for every sample "
@@ -75,23 +75,24 @@ def _ted(cfg: TEDConfig, table: ScoreTable, epoch: int, rng: np.random.Generator
     previous = _latest_mask_before(table, epoch)
     if cfg.monotone and previous is not None:
         was_pruned = candidates & ~np.unpackbits(previous.keep, bitorder="little", count=n).astype(bool)
-        drop = _lowest(key, was_pruned, min(k, int(was_pruned.sum())), rng)
+        drop = _lowest(key, was_pruned, min(k, _count(was_pruned)), rng)
         candidates = candidates & ~drop
-    k_new = k - int(drop.sum())
-    top = _lowest(~key, candidates, round(cfg.trim_top * k_new), rng)
-    if top.any():
+    k_new = k - _count(drop)
+    n_top = round(cfg.trim_top * k_new)
+    if n_top:  # ~key is a full pass: only when trimming
+        top = _lowest(~key, candidates, n_top, rng)
         drop |= top
         candidates &= ~top
-        k_new -= int(top.sum())
+        k_new -= _count(top)
     pool = None
     if groups is None:
         parts = [(candidates, k_new)]
     else:
         labels = np.unique(groups[candidates])
         members = [candidates & (groups == g) for g in labels]  # O(n) per group: meant for classes
-        parts = list(zip(members, _shares(k_new, np.array([m.sum() for m in members]))))
+        parts = list(zip(members, _shares(k_new, np.array([_count(m) for m in members]))))
     for members, k_part in parts:
-        part_pool = _lowest(key, members, pool_size(int(k_part), int(members.sum()), cfg.explore), rng)
+        part_pool = _lowest(key, members, pool_size(int(k_part), _count(members), cfg.explore), rng)
         drop |= _uniform_draw(part_pool, int(k_part), rng)
         if pool is None:
             pool = part_pool
@@ -112,6 +113,11 @@ def pool_size(k: int, candidates: int, explore: float) -> int:
     if k >= candidates:
         return candidates
     return min(math.ceil(k / (1.0 - explore)), k + math.floor(explore * (candidates - k)))
+
+
+def _count(flags: np.ndarray) -> int:
+    """True entries of a boolean array (a quarter of the time of ``sum``, which widens to int64)."""
+    return int(np.count_nonzero(flags))
 
 
 def _all_equal(key: np.ndarray, members: np.ndarray) -> bool:
@@ -136,7 +142,7 @@ def _drop_and_boost(epoch: int, drop: np.ndarray, group: np.ndarray, max_weight:
     dropped = bool(drop.any())
     keep = np.logical_not(drop, out=drop)  # drop is ours: no second 1e8-sample array
     survivors = group & keep
-    size, kept = int(group.sum()), int(survivors.sum())
+    size, kept = _count(group), _count(survivors)
     if not dropped or kept == 0 or max_weight == 1.0:
         return EpochMask.from_bools(epoch, keep)
     return EpochMask.from_bools(epoch, keep, survivors, min(max_weight, size / kept))
@@ -184,7 +190,7 @@ def _uniform_draw(members: np.ndarray, m: int, rng: np.random.Generator) -> np.n
     ``_lowest`` would choose from the same keys). Uniform keys put the cut near m / |members| of
     the key range, so only a window around it is counted, not the whole histogram."""
     key = _random_keys(rng, len(members))
-    size = int(members.sum())
+    size = _count(members)
     if m <= 0 or m >= size:
         return _lowest(key, members, m, rng)  # nothing or everything: no histogram is needed
     q = m / size

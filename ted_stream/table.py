@@ -61,21 +61,18 @@ def bf16_to_f32(b: np.ndarray) -> np.ndarray:
     return (np.asarray(b, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
-def _order_lut() -> np.ndarray:
-    key = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
-    flip = key >> 15  # 1 for negative numbers
-    flip *= 0x7FFF
-    flip |= 0x8000  # negatives: every bit flips; positives: the sign bit only
-    return key ^ flip
-
-
-_BF16_ORDER = _order_lut()
-
-
 def bf16_order_key(b: np.ndarray) -> np.ndarray:
-    """uint16 keys whose integer order is the float order of the bfloat16 bits (a new array;
-    one table lookup per sample, the fastest pass numpy offers at 1e8 samples)."""
-    return _BF16_ORDER[np.asarray(b, dtype=np.uint16)]
+    """uint16 keys whose integer order is the float order of the bfloat16 bits (a new array).
+
+    Negatives flip every bit, positives the sign bit only: four in-place passes over 16-bit
+    values, twice as fast at 1e8 samples as a 65,536-entry lookup table (whose indices numpy
+    widens to 64 bits)."""
+    bits = np.asarray(b, dtype=np.uint16)
+    key = bits >> 15  # 1 for negative numbers
+    key *= 0x7FFF
+    key |= 0x8000
+    key ^= bits
+    return key
 
 
 def config_digest(config: Mapping[str, Any]) -> str:

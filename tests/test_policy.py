@@ -5,7 +5,7 @@ import pytest
 
 from ted_stream import TEDConfig
 from ted_stream.policy import PruningWarning, pool_size, select
-from ted_stream.table import ScoreTable
+from ted_stream.table import ScoreTable, f32_to_bf16
 
 FP = {"digest": "c" * 64}
 
@@ -230,3 +230,32 @@ def test_uniform_draw_is_the_lowest_random_keys_found_through_a_window(size, m):
     slow = _lowest(_random_keys(slow_rng, len(members)), members, m, slow_rng)
     assert fast.sum() == m and not (fast & ~members).any()
     np.testing.assert_array_equal(fast, slow)
+
+
+def test_masks_are_the_draws_the_quality_evidence_used():
+    """The quality grids in docs/quality.md were trained with exactly these masks: a change to the
+    selection that draws different ones (even from the same distribution) fails here, and must
+    come with re-run grids and a new digest."""
+    import hashlib
+    import itertools
+    import warnings
+
+    n = 100_003
+    rng = np.random.default_rng(11)
+    t = ScoreTable(n, {"digest": "0" * 64, "num_samples": n})
+    t.scores[:] = f32_to_bf16(np.round(rng.standard_normal(n) * 40).astype(np.float32))  # many ties
+    t.updated[:] = 1
+    t.updated[::37] = 0  # never scored: never pruned by ted
+    groups = rng.integers(0, 5, n)
+    digest = hashlib.sha256()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PruningWarning)
+        for policy, target, explore, trim in itertools.product(("ted", "random", "random-dynamic", "infobatch"),
+                                                              (0.3, 0.7), (0.1, 0.5), (0.0, 0.2)):
+            cfg = TEDConfig(policy=policy, target=target, explore=explore, trim_top=trim, warmup_epochs=0,
+                            ramp_epochs=0, seed=4)
+            for g in (None, groups) if policy == "ted" else (None,):
+                m = select(cfg, t, 2, granule=8, groups=g)
+                digest.update(m.keep.tobytes() + (b"" if m.boost is None else m.boost.tobytes())
+                              + repr(m.boost_weight).encode())
+    assert digest.hexdigest() == "fc9ef4925e72726db69653a90349c6050730b05002e00fa09bf825d14580ca7b"
