@@ -1,7 +1,8 @@
 """TEDProtocol: the per-step TED protocol, written once for every training loop.
 
-A loop over a ``TEDStreamingDataset`` (or a ``TEDWebDataset`` read through its ``TEDWebLoader``) does the same few things whatever trains the model (a
-plain PyTorch loop, DeepSpeed, the Hugging Face Trainer):
+A loop over a ``TEDStreamingDataset`` (or a ``TEDWebDataset`` read through its ``TEDWebLoader``)
+does the same few things whatever trains the model (a plain PyTorch loop, DeepSpeed, the Hugging
+Face Trainer):
 
     protocol.start_epoch()                    # freeze the epoch's keep-mask (collective)
     for batch in loader:
