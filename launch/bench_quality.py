@@ -29,6 +29,8 @@ ROOT = os.path.dirname(HERE)
 # (name in the report, train_classifier.py arguments)
 VARIANTS = {
     "full": ["--policy", "full"],
+    # All data for fewer epochs at the pruned runs' sample-iterations, its schedule spanning them.
+    "fewer epochs (same compute)": ["--policy", "fewer-epochs"],
     "random-dynamic": ["--policy", "random-dynamic", "--no-rescale"],
     # The same draw with every kept sample weighted n / kept: the loss scale the ted policy's
     # rescaling keeps, so a row against it says what selection adds at a fixed step size.

@@ -37,10 +37,14 @@ from tqdm import tqdm
 
 from corpora import fashion_mnist, news_sources, package_dir, rotten_tomatoes, split_by_hash
 from ted_stream import TEDConfig, TEDStreamingDataset, last_layer_scores, per_sample_ce
+from ted_stream.policy import select
 from ted_stream.prepare import write_mds
 from ted_stream.schedule import target_for_saved
+from ted_stream.table import ScoreTable
 
-POLICIES = ("full", "random", "random-dynamic", "infobatch", "ted", "grad-norm", "loss")
+# fewer-epochs: all data, stopped after the sample-iterations that random pruning at the same
+# --target-saved trains (its cosine schedule spans that shorter run): the free alternative.
+POLICIES = ("full", "fewer-epochs", "random", "random-dynamic", "infobatch", "ted", "grad-norm", "loss")
 READINGS = ("d", "s", "abs-s", "grad-norm", "loss")
 # InfoBatch's pruning probability r for a wanted saved fraction: its saved fraction is r times the
 # share of below-mean losses (measured, not configured: the benchmark reports what was saved).
@@ -283,7 +287,7 @@ def ted_config(args: argparse.Namespace) -> TEDConfig:
     base = dict(epochs=args.epochs, seed=args.seed, ema=args.ema, explore=args.explore,
                 warmup_epochs=args.warmup, ramp_epochs=args.ramp, tail_epochs=args.tail,
                 rescale=args.rescale, monotone=args.monotone, trim_top=args.trim_top)
-    if args.policy == "full":
+    if args.policy in ("full", "fewer-epochs"):
         return TEDConfig(**{**base, "target": 0.0})
     if args.policy == "infobatch":
         # InfoBatch's own schedule: prune from epoch 1, all data for the final 12.5% of epochs.
@@ -302,6 +306,14 @@ def reading_of(args: argparse.Namespace) -> str:
 def score(stats, reading: str) -> torch.Tensor:
     return {"d": stats.d, "s": stats.s, "abs-s": stats.s.abs(), "grad-norm": stats.sqnorm.sqrt(),
             "loss": stats.loss}[reading]
+
+
+def matched_budget(args: argparse.Namespace, n: int, granule: int) -> int:
+    """Sample-iterations of the pruned runs at ``--target-saved``: the kept counts that random
+    pruning's masks have under this schedule (every policy of the grid keeps the same counts)."""
+    cfg = ted_config(argparse.Namespace(**{**vars(args), "policy": "random-dynamic"}))
+    table = ScoreTable(n, {})
+    return sum(select(cfg, table, e, granule).kept for e in range(args.epochs))
 
 
 def evaluate(model: Classifier, batches: list, y: torch.Tensor) -> tuple[float, float]:
@@ -331,14 +343,20 @@ def run(args: argparse.Namespace) -> dict:
     model = task.model()
     opt = task.optimizer(model, args.lr)
     n, trained, epochs = ds.num_samples, 0, []
+    budget = matched_budget(args, n, args.batch_size) if args.policy == "fewer-epochs" else None
     t0 = time.time()
     for epoch in range(args.epochs):
+        if budget is not None and trained >= budget:
+            break
         mask = ds.start_epoch(epoch)
         by_class = torch.zeros(model.head.out_features, dtype=torch.long)  # does pruning skew the classes?
         steps = math.ceil(len(ds) / args.batch_size)
         for step, batch in enumerate(tqdm(loader, total=steps, desc=f"epoch {epoch}", disable=not args.progress)):
-            # The learning rate follows epoch progress: pruned epochs have fewer steps.
-            progress = (epoch + step / steps) / args.epochs
+            if budget is not None and trained >= budget:
+                break  # the rest of this epoch is beyond the pruned runs' compute
+            # The learning rate follows epoch progress (pruned epochs have fewer steps), or, for
+            # fewer-epochs, the share of its budget spent, so its schedule spans the shorter run.
+            progress = trained / budget if budget else (epoch + step / steps) / args.epochs
             for g in opt.param_groups:
                 g["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * progress))
             x = task.inputs(batch)
@@ -353,7 +371,7 @@ def run(args: argparse.Namespace) -> dict:
             trained += len(y)
             by_class += torch.bincount(y, minlength=len(by_class))
         acc, test_loss = evaluate(model, x_test, y_test)
-        epochs.append({"epoch": epoch, "kept": mask.kept, "trained_by_class": by_class.tolist(), "test_acc": acc,
+        epochs.append({"epoch": epoch, "kept": mask.kept, "trained": int(by_class.sum()), "trained_by_class": by_class.tolist(), "test_acc": acc,
                        "test_loss": test_loss})
     if args.keep_table:  # the final weights too, for launch/what_is_pruned.py
         torch.save(model.state_dict(), os.path.join(table_dir, "model.pt"))
