@@ -38,7 +38,7 @@ NEVER = 0  # value of `updated` for a sample that was never scored
 _PREFIX = struct.Struct("<8sIII")  # magic, version, header length, header CRC
 _CRC_CHUNK = 1 << 24
 _WRITE_CHUNK = 1 << 24
-_MOVE_ASIDE = "move it aside to start a new table"
+MOVE_ASIDE = "move it aside to start a new table"
 
 
 class TableError(RuntimeError):
@@ -310,13 +310,13 @@ class ScoreTable:
             magic = prefix[:8]
             if magic == MAGIC_V1:
                 raise TableError(f"{path} is a version-1 table (its header has no checksum); this "
-                                 f"ted_stream reads version {VERSION} only: {_MOVE_ASIDE}")
+                                 f"ted_stream reads version {VERSION} only: {MOVE_ASIDE}")
             if magic != MAGIC[:len(magic)] or not magic:
                 raise TableError(f"{path} is not a ted_stream score table (starts with {magic!r}, "
-                                 f"expected {MAGIC!r}); {_MOVE_ASIDE}")
+                                 f"expected {MAGIC!r}); {MOVE_ASIDE}")
             if len(prefix) < _PREFIX.size:
                 raise TableError(f"{path} is truncated: {size} bytes, shorter than the "
-                                 f"{_PREFIX.size}-byte prefix; {_MOVE_ASIDE}")
+                                 f"{_PREFIX.size}-byte prefix; {MOVE_ASIDE}")
             _, version, hlen, header_crc = _PREFIX.unpack(prefix)
             if version != VERSION:
                 raise TableError(f"{path} has table format version {version}; this ted_stream reads "
@@ -326,7 +326,7 @@ class ScoreTable:
                                  f"{hlen} bytes, the file has {size - _PREFIX.size} after the prefix")
             raw = f.read(hlen)
         if zlib.crc32(raw, zlib.crc32(prefix[8:16])) != header_crc:
-            raise TableError(f"{path} is corrupted: header CRC mismatch; {_MOVE_ASIDE}")
+            raise TableError(f"{path} is corrupted: header CRC mismatch; {MOVE_ASIDE}")
         header = _parse_header(path, raw)
         offset = _PREFIX.size + hlen
         expected = offset + header["payload_bytes"]
@@ -369,7 +369,7 @@ class ScoreTable:
 def _parse_header(path: str, raw: bytes) -> dict[str, Any]:
     """The JSON header, every field type- and range-checked, or TableError naming the first problem."""
     def bad(problem: str) -> TableError:
-        return TableError(f"{path} has a malformed header: {problem}; {_MOVE_ASIDE}")
+        return TableError(f"{path} has a malformed header: {problem}; {MOVE_ASIDE}")
 
     def need(obj: Mapping[str, Any], key: str, kind: str, where: str = "") -> Any:
         if key not in obj:

@@ -2,6 +2,7 @@
 yields, scenario by scenario; plus elastic resumption and static filters with pruning on."""
 import functools
 import gc
+import logging
 import os
 import shutil
 from types import SimpleNamespace
@@ -14,7 +15,7 @@ from streaming.base.world import World
 
 from ted_stream import TEDConfig, TEDStreamingDataset
 from ted_stream import filter as sample_filters
-from ted_stream.loaders.streaming import table_home
+from ted_stream.loaders.remote import table_home
 from ted_stream.prepare import write_mds
 from ted_stream.table import ScoreTable
 
@@ -130,7 +131,7 @@ def test_loader_epochs_and_resume_are_upstreams(data, tmp_path, layout, workers,
     assert ted_state == up[3]
 
 
-def test_mixture_and_remote_table_homes(data, tmp_path):
+def test_mixture_and_remote_table_homes(data, tmp_path, caplog):
     """Several streams get a table beside the first stream, named by the mixture's fingerprint;
     with a remote, save_table uploads it there and a new cache downloads it."""
     ds = make(TEDStreamingDataset, data, "proportion")
@@ -162,9 +163,9 @@ def test_mixture_and_remote_table_homes(data, tmp_path):
     assert table_home(mix, digest) == (f"/cache/a/train/ted/mix-{digest[:16]}",
                                        f"s3://bucket/a/train/ted/mix-{digest[:16]}")
     sftp = SimpleNamespace(remote="sftp://host/data", local=str(tmp_path / "x"), split=None)  # no uploader
-    with pytest.raises(ValueError, match=r"remote='sftp://host/data': streaming cannot upload to sftp://, "
-                                         r"so .* pass table_dir="):
-        table_home([sftp], digest)
+    with caplog.at_level(logging.WARNING):  # the table stays in the local cache, and says so
+        assert table_home([sftp], digest) == (str(tmp_path / "x" / "ted"), None)
+    assert "cannot upload to sftp://, so the score table is kept in the local cache only" in caplog.text
     del again
     gc.collect()
 

@@ -30,7 +30,8 @@ def _rank_main(rank, folder, port, out):
     mask = ds.start_epoch(1)
     kept = np.array([s["ted_id"] for s in ds])
     np.savez(os.path.join(out, f"rank{rank}.npz"), ids=ids, kept=kept, keep=mask.keep,
-             scores=ds.table.scores, updated=ds.table.updated, lws=int(os.environ["LOCAL_WORLD_SIZE"]), scored_on_disk=scored_on_disk)
+             scores=ds.table.scores, updated=ds.table.updated, lws=ds._unique_rank_world.ranks_per_node,
+             lws_env=os.environ.get("LOCAL_WORLD_SIZE", "unset"), scored_on_disk=scored_on_disk)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -39,7 +40,8 @@ def test_two_ranks_share_scores_and_mask(tmp_path):
     folder = make_corpus(tmp_path / "data", 200)
     mp.spawn(_rank_main, args=(folder, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (np.load(tmp_path / f"rank{r}.npz") for r in range(2))
-    assert int(r0["lws"]) == 2  # LOCAL_WORLD_SIZE derived from LOCAL_SIZE
+    assert int(r0["lws"]) == 2  # streaming's node size derived from LOCAL_SIZE
+    assert str(r0["lws_env"]) == "unset"  # without writing the process's environment
     assert len(set(r0["ids"]) & set(r1["ids"])) == 0
     assert sorted(np.concatenate([r0["ids"], r1["ids"]])) == list(range(200))
     np.testing.assert_array_equal(r0["keep"], r1["keep"])

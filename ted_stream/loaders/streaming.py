@@ -7,23 +7,20 @@ the dataset then yields exactly what ``StreamingDataset`` yields.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
-import shutil
-import tempfile
 import time
+import uuid
 import warnings
 from math import ceil
-from typing import Any, Mapping, Optional, Union
-from urllib.parse import urlparse
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 from streaming import StreamingDataset
-from streaming.base.storage import CloudDownloader, CloudUploader
-from streaming.base.storage.upload import UPLOADERS
 from torch.utils.data import get_worker_info
 
 from .. import dist
@@ -34,37 +31,25 @@ from ..policy import PruningWarning, select
 from ..pruner import HasPruner, Pruner, as_config
 from ..schedule import pruned_fraction
 from ..table import FILENAME, EpochMask, ScoreTable
+from . import remote
 
 logger = logging.getLogger(__name__)
 
 
-def _local_world_size_from_deepspeed() -> None:
+@contextlib.contextmanager
+def _local_world_size_from_deepspeed() -> Iterator[None]:
     # The deepspeed launcher sets LOCAL_SIZE only; streaming counts nodes from LOCAL_WORLD_SIZE
-    # and, without it, takes every rank for a node of its own (streaming issue 717).
-    if "LOCAL_WORLD_SIZE" not in os.environ and "LOCAL_SIZE" in os.environ:
-        os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
-
-
-def table_home(streams: Any, digest: str) -> tuple[str, Optional[str]]:
-    """(local folder, durable remote folder or None) of the default table of ``streams``.
-
-    The table lives beside the first stream's ``index.json``: ``ted/`` for one stream,
-    ``ted/mix-<fingerprint>/`` for a mixture (sample ids span every stream, so a mixture needs
-    its own table, and the fingerprint tells mixtures apart). With a ``remote``, the local copy
-    sits in streaming's cache, which may vanish: the remote folder is the durable home.
-    """
-    first = streams[0]
-    sub = "ted" if len(streams) == 1 else os.path.join("ted", f"mix-{digest[:16]}")
-    local = os.path.join(first.local, first.split or "", sub)
-    if first.remote is None:
-        return local, None
-    scheme = urlparse(first.remote).scheme
-    if scheme not in UPLOADERS:
-        raise ValueError(f"remote={first.remote!r}: streaming cannot upload to {scheme}://, so the score "
-                         "table has no durable home beside the index; pass table_dir=<a folder on shared "
-                         "storage> (or a remote that streaming can write to: "
-                         f"{', '.join(sorted(k for k in UPLOADERS if k))})")
-    return local, os.path.join(first.remote, first.split or "", sub)
+    # and, without it, takes every rank for a node of its own (streaming issue 717). Streaming
+    # reads it once, when the dataset detects its World: set it for that moment only, so no
+    # other code of the process (a plain StreamingDataset built later) sees a changed environment.
+    if "LOCAL_WORLD_SIZE" in os.environ or "LOCAL_SIZE" not in os.environ:
+        yield
+        return
+    os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
+    try:
+        yield
+    finally:
+        del os.environ["LOCAL_WORLD_SIZE"]
 
 
 _PREFIX_RETRIES = 8
@@ -111,8 +96,8 @@ class TEDStreamingDataset(HasPruner, StreamingDataset):
                  table_dir: Optional[str] = None, groups: Any = None,
                  sample_filter: Optional[sample_filters.SampleFilter] = None, **kwargs: Any) -> None:
         ted = as_config(ted)
-        _local_world_size_from_deepspeed()
-        _init_upstream(self, kwargs)
+        with _local_world_size_from_deepspeed():
+            _init_upstream(self, kwargs)
         self.ted = ted
         self.groups = groups
         self._epoch_size_all = self.epoch_size  # upstream's, restored for epochs that keep all
@@ -120,7 +105,7 @@ class TEDStreamingDataset(HasPruner, StreamingDataset):
         fingerprint = index_fingerprint(index_dirs)
         self._table_remote: Optional[str] = None
         if table_dir is None:
-            table_dir, self._table_remote = table_home(self.streams, fingerprint["digest"])
+            table_dir, self._table_remote = remote.table_home(self.streams, fingerprint["digest"])
         table_path = os.path.join(table_dir, FILENAME)
         self._pull_table(table_path, fingerprint, kwargs.get("download_timeout", 60.0))
         # The node's copy is written by the local leader as streaming counts nodes (LOCAL_WORLD_SIZE).
@@ -241,35 +226,13 @@ class TEDStreamingDataset(HasPruner, StreamingDataset):
     def _pull_table(self, path: str, fingerprint: dict[str, Any], timeout: float) -> None:
         """Install the durable remote copy of the table, if there is one, as the local copy: the
         remote wins over a cache that may be stale or gone."""
-        if self._table_remote is None:
-            return
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        # A private download per rank, then an atomic rename: every rank of the node installs the
-        # same bytes, and no rank ever reads a half-written file.
-        tmp = os.path.join(folder, f".remote-{os.getpid()}-{self._unique_rank_world.rank}.tedt")
-        try:
-            CloudDownloader.direct_download(os.path.join(self._table_remote, FILENAME), tmp, timeout)
-        except FileNotFoundError:
-            return  # a new table: the first save_table uploads it
-        try:
-            ScoreTable.load(tmp, fingerprint)  # refuse a damaged or foreign table before installing it
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        if self._table_remote is not None:
+            # uuid, not pid: pids repeat across the containers of a multi-node job
+            remote.download_table(self._table_remote, path, fingerprint, timeout, uuid.uuid4().hex)
 
     def _push_table(self) -> None:
-        if self._table_remote is None or self._unique_rank_world.rank != 0:
-            return
-        # Upload from a fresh folder holding a hard link to the table: streaming's uploaders
-        # expect an empty local folder, and the link costs no copy.
-        staging = tempfile.mkdtemp(prefix=".upload-", dir=os.path.dirname(self.table_path))
-        try:
-            os.link(self.table_path, os.path.join(staging, FILENAME))
-            CloudUploader.get((staging, self._table_remote), exist_ok=True).upload_file(FILENAME)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        if self._table_remote is not None and self._unique_rank_world.rank == 0:
+            remote.upload_table(self.table_path, self._table_remote)
 
     def _resolve_filter(self, spec: sample_filters.SampleFilter, table_dir: str) -> NDArray[np.bool_]:
         if not callable(spec):
