@@ -19,6 +19,7 @@ before a mask is frozen or the table saved, so the loop syncs the host once per 
 """
 from __future__ import annotations
 
+import logging
 import os
 from math import ceil
 from typing import Any, Mapping, Optional, Union
@@ -38,6 +39,8 @@ TABLE_FILE = "ted_table.tedt"  # the table as of a checkpoint, inside the checkp
 STATE_VERSION = 1
 
 Dataset = Union[TEDStreamingDataset, TEDWebDataset]
+
+log = logging.getLogger(__name__)
 
 
 def _upcoming_epoch(ds: Dataset) -> int:
@@ -116,6 +119,7 @@ class TEDProtocol:
         self._batch: Optional[tuple[Tensor, Tensor, Tensor]] = None  # (ids, weights, loss) of the last loss()
         self._ids: list[Tensor] = []
         self._values: list[Tensor] = []
+        self.skipped = 0  # scores dropped as not finite (fp16 loss-scale overflows), over the run
 
     # ---- per step ------------------------------------------------------------------------------
     def loss(self, per_sample_loss: Tensor, batch: Mapping[str, Any]) -> Tensor:
@@ -125,7 +129,9 @@ class TEDProtocol:
             raise ValueError(f"per_sample_loss has shape {tuple(per_sample_loss.shape)}: expected one loss "
                              "per sample, shape [B]")
         ids, weights = batch["ted_id"], batch["ted_weight"]
-        weights = torch.as_tensor(weights).to(per_sample_loss.device, per_sample_loss.dtype)
+        # At least fp32: an fp16 weight times the fp16 loss scale (65536) in score() is inf.
+        wide = torch.promote_types(per_sample_loss.dtype, torch.float32)
+        weights = torch.as_tensor(weights).to(per_sample_loss.device, wide)
         if weights.shape != per_sample_loss.shape:
             raise ValueError(f"ted_weight has shape {tuple(weights.shape)} but the loss {tuple(per_sample_loss.shape)}: "
                              "expected one weight per sample")
@@ -156,11 +162,20 @@ class TEDProtocol:
             self.flush()
 
     def flush(self) -> None:
-        """Hand the buffered scores to the table (one host transfer)."""
+        """Hand the buffered scores to the table (one host transfer). Scores that are not finite
+        (a step whose fp16 loss scale overflowed: dynamic scaling does so on purpose) are dropped
+        and counted in ``skipped``; those samples keep their previous score."""
         if not self._ids:
             return
         ids, values = torch.cat(self._ids).cpu(), torch.cat(self._values).float().cpu()
         self._ids, self._values = [], []
+        finite = torch.isfinite(values)
+        dropped = len(values) - int(finite.sum())
+        if dropped:
+            self.skipped += dropped
+            log.warning("dropped %d non-finite score(s) (fp16 loss-scale overflow?); %d over the run",
+                        dropped, self.skipped)
+            ids, values = ids[finite], values[finite]
         self.dataset.record(ids, values)
 
     # ---- per epoch -----------------------------------------------------------------------------

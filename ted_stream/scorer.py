@@ -206,15 +206,23 @@ class TaylorScorer:
         total = torch.cat([grads.sum(dim=0), grads.new_tensor([batch])])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
             dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.process_group)
-        mean = total[:-1] / total[-1]
-        if self.reference is None or self.ref_ema == 0.0:
-            self.reference = mean
-        else:
-            self.reference = self.ref_ema * self.reference + (1.0 - self.ref_ema) * mean
-
+        self.reference = self._blend(total[:-1] / total[-1])
         s = grads @ self.reference
         sqnorm = (grads * grads).sum(dim=1)
         return Scores(s=s, sqnorm=sqnorm, d=sqnorm - s, loss=None if loss is None else loss.detach())
+
+    def _blend(self, mean: Tensor) -> Tensor:
+        """The new reference G from this step's global mean, without a host sync."""
+        if self.reference is None or self.ref_ema == 0.0:
+            return mean
+        # A reference restored before the model moved (Trainer + DeepSpeed resume) is elsewhere.
+        ref = self.reference.to(mean.device, mean.dtype)
+        blended = self.ref_ema * ref + (1.0 - self.ref_ema) * mean
+        # An fp16 step whose loss scale overflowed has a non-finite mean: keep the reference
+        # rather than poison it for good; a non-finite reference (a first step that overflowed)
+        # restarts from the mean.
+        blended = torch.where(torch.isfinite(mean).all(), blended, ref)
+        return torch.where(torch.isfinite(ref).all(), blended, mean)
 
     def remove(self) -> None:
         """Remove every hook and drop gathered state; the model is left as it was."""
