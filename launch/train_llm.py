@@ -438,7 +438,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from tqdm import tqdm
 
     import llm_data
-    from ted_stream.protocol import TEDProtocol
+    from ted_stream.protocol import TEDProtocol, deepspeed_loss_scale
     from ted_stream.scorer import per_sample_lm_loss, predicted_igd
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -543,7 +543,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     if os.path.exists(metrics_path) and ctx.is_leader:
         with open(metrics_path) as f:
             epoch_rows = [r for r in map(json.loads, f) if r["type"] == "epoch"]
-    loss_scale = lambda: float(getattr(engine.optimizer, "cur_scale", 1.0)) if engine.fp16_enabled() else 1.0
     t_run = time.time()
     for epoch in range(state["epoch"], args.epochs):
         kill_point("epoch", epoch)
@@ -570,7 +569,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             logits = engine(input_ids=ids).logits
             per_sample = per_sample_lm_loss(logits, ids)
             engine.backward(protocol.loss(per_sample, batch))  # weighted by ted_weight
-            protocol.score(backward_scale=loss_scale() / gas)  # the engine divides the loss by GAS
+            protocol.score(backward_scale=deepspeed_loss_scale(engine) / gas)  # the engine divides by GAS
             boundary = engine.is_gradient_accumulation_boundary()
             lr = engine.get_lr()[0]  # the rate this step applies
             engine.step()

@@ -52,6 +52,24 @@ def _rank_samples(ds: Dataset, epoch: int) -> int:
     return len(ds.rank_ids(epoch)) if isinstance(ds, TEDWebDataset) else len(ds)
 
 
+def deepspeed_loss_scale(engine: Any) -> Union[float, Tensor]:
+    """The loss scale ``engine.backward`` multiplies the loss by: 1.0 unless fp16 is on. Read it
+    before ``engine.step()``, which changes it after an overflow or a window without one.
+
+    Every DeepSpeed fp16 optimizer exposes ``loss_scale``; ZeRO's also ``cur_scale`` (stage 0's
+    FP16_Optimizer has no ``cur_scale``). Anything else raises rather than score with 1.0."""
+    if not engine.fp16_enabled():
+        return 1.0
+    optimizer = engine.optimizer
+    for name in ("loss_scale", "cur_scale"):
+        scale = getattr(optimizer, name, None)
+        if isinstance(scale, (int, float, Tensor)):
+            return scale
+    raise RuntimeError(f"DeepSpeed fp16 is on but its optimizer ({type(optimizer).__name__}) has no numeric "
+                       "loss_scale or cur_scale: expected one of DeepSpeed's fp16 optimizers, whose loss "
+                       "scale the scores must be divided by")
+
+
 def reading_of(scores: Scores, reading: str) -> Tensor:
     """The per-sample value a reading records (see ``ted_stream.config.READINGS``)."""
     if reading == "d":

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from math import ceil
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 try:
     import transformers
@@ -40,7 +40,7 @@ from torch import Tensor
 from .. import dist
 from ..loaders.streaming import TEDStreamingDataset
 from ..loaders.wds import TEDWebDataset, TEDWebLoader
-from ..protocol import TEDProtocol
+from ..protocol import TEDProtocol, deepspeed_loss_scale
 from ..scorer import per_sample_ce, per_sample_lm_loss
 
 __all__ = ["TEDTrainer", "TEDTrainerMixin", "TEDCallback", "TEDLoader", "TEDWebTrainerLoader", "causal_lm_loss",
@@ -180,6 +180,11 @@ class TEDTrainerMixin:
             raise ValueError(f"TEDWebDataset(rank={ds.rank}, world_size={ds.world_size}) but the Trainer runs rank "
                              f"{targs.process_index} of {targs.world_size}: expected the same (create the dataset "
                              "after TrainingArguments, which sets up torch.distributed, or pass rank= and world_size=)")
+        if targs.n_gpu > 1:
+            raise ValueError(f"TrainingArguments.n_gpu={targs.n_gpu}: one process sees several GPUs, so the Trainer "
+                             "would wrap the model in nn.DataParallel, whose replicas share the scorer's hooks; "
+                             f"expected one process per GPU: torchrun --nproc_per_node {targs.n_gpu} (or "
+                             "accelerate launch, or deepspeed) your script, or CUDA_VISIBLE_DEVICES=0 for one GPU")
         if targs.max_steps > 0:
             raise ValueError(f"max_steps={targs.max_steps}: expected -1; TED training is counted in epochs "
                              "(num_train_epochs), since pruned epochs have fewer steps")
@@ -239,17 +244,28 @@ class TEDTrainerMixin:
         loss = self.ted.loss(self.per_sample_loss(outputs, labels), batch)
         return (loss, outputs) if return_outputs else loss
 
+    def _prepare_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        if "ted_weight" not in inputs:
+            return super()._prepare_inputs(inputs)
+        # Under DeepSpeed the Trainer casts float inputs to the engine's dtype: bf16 would round
+        # the policy's weights by up to 0.4%.
+        prepared = super()._prepare_inputs({k: v for k, v in inputs.items() if k != "ted_weight"})
+        prepared["ted_weight"] = inputs["ted_weight"].to(self.args.device, torch.float32)
+        return prepared
+
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Optional[Tensor] = None
                       ) -> Tensor:
+        # Before the step: under DeepSpeed, accelerate steps the engine inside backward, and a
+        # step changes the fp16 loss scale (halved after an overflow, doubled after a window).
+        scale = self._loss_scale()
         loss = super().training_step(model, inputs, num_items_in_batch)
         # backward ran on loss / current accumulation steps (times the fp16 loss scale, if any)
-        self.ted.score(backward_scale=self._loss_scale() / self.current_gradient_accumulation_steps)
+        self.ted.score(backward_scale=scale / self.current_gradient_accumulation_steps)
         return loss
 
-    def _loss_scale(self) -> float:
-        engine = self.model_wrapped
-        if getattr(self, "is_deepspeed_enabled", False) and engine.fp16_enabled():
-            return float(engine.optimizer.cur_scale)
+    def _loss_scale(self) -> Union[float, Tensor]:
+        if getattr(self, "is_deepspeed_enabled", False):
+            return deepspeed_loss_scale(self.model_wrapped)
         scaler = getattr(self.accelerator, "scaler", None)
         return float(scaler.get_scale()) if scaler is not None else 1.0  # fp16 AMP only: one host sync
 
