@@ -93,3 +93,16 @@ def test_fp16_loss_times_the_fp16_loss_scale_stays_finite(data, tmp_path):
     assert half.dataset.table.scored[:BATCH].all()
     torch.testing.assert_close(torch.tensor(list(scored(half).values())),
                                torch.tensor(list(scored(wide).values())), rtol=2e-2, atol=1e-6)
+
+
+def test_a_reference_restored_before_the_model_moved_follows_it():
+    """Trainer + DeepSpeed resume: restore() runs while the model is on the CPU, then DeepSpeed
+    moves it; the "meta" device stands in for the accelerator."""
+    model = make_model()
+    scorer = TaylorScorer(model, rows=4, ref_ema=0.5)
+    for device in ("cpu", "meta"):  # a step on the CPU leaves the reference there, as restore() does
+        model.to(device)
+        batch = {k: v.to(device) for k, v in make_batch(0).items()}
+        per_sample_ce(model(batch["x"]), batch["label"]).mean().backward()
+        scores = scorer.compute(1.0 / BATCH)
+    assert scorer.reference.device.type == "meta" and scores.d.device.type == "meta"
