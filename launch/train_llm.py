@@ -409,8 +409,11 @@ def place_table(args: argparse.Namespace, ctx: Ctx, data_dir: str, resume: bool)
 
     table_dir = args.table_dir.replace("{node}", str(ctx.node)) if args.table_dir else os.path.join(data_dir, "ted")
     table_path = os.path.join(table_dir, FILENAME)
-    if ctx.is_local_leader and not resume and os.path.exists(table_path):
-        os.unlink(table_path)
+    if ctx.is_local_leader and not resume:
+        try:  # every node's leader does this: on a shared folder another may have been first
+            os.unlink(table_path)
+        except FileNotFoundError:
+            pass
     ctx.barrier()
     return table_dir
 

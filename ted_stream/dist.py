@@ -1,6 +1,8 @@
 """The few collectives ted_stream needs, over torch.distributed when it is initialised."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -22,9 +24,15 @@ def barrier() -> None:
 def collective_device() -> torch.device:
     """Where a collective's tensors must live: NCCL moves only CUDA tensors (this rank's device);
     gloo and the other CPU backends move CPU tensors."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    if dist.get_backend() != "nccl":
+        return torch.device("cpu")
+    current = torch.cuda.current_device()
+    local = os.environ.get("LOCAL_RANK")
+    if current != 0 or local is None:  # torch.cuda.set_device chose it (or no launcher says)
+        return torch.device("cuda", current)
+    # Before torch.cuda.set_device (a dataset built before the model) every rank is on cuda:0;
+    # the launcher's LOCAL_RANK names this rank's GPU (one visible GPU per rank: cuda:0).
+    return torch.device("cuda", int(local) % torch.cuda.device_count())
 
 
 def broadcast_bytes(data: np.ndarray | None, src: int = 0) -> np.ndarray:

@@ -209,6 +209,7 @@ class TEDProtocol:
                 self.end_epoch()
             self.micro, self.epoch_trained, self._closed = 0, 0, False
         mask = ds.start_epoch(epoch)
+        dist.barrier()  # each node's leader saved the table: no rank's loader worker reads an older file
         self.epoch = epoch
         self.steps = ceil(_rank_samples(ds, epoch) / ds.batch_size)
         return {"epoch": epoch, "kept": mask.kept, "pruned": ds.num_samples - mask.kept,

@@ -1,0 +1,69 @@
+"""Many nodes, on one CPU: node leaders that share one table folder, NCCL's device before
+torch.cuda.set_device, and a barrier between a node leader's table save and any rank going on."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import make_corpus
+from ted_stream import TEDConfig, TEDStreamingDataset
+from ted_stream import dist as ted_dist
+from ted_stream.protocol import TEDProtocol
+from ted_stream.table import FILENAME, ScoreTable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train_llm():
+    spec = importlib.util.spec_from_file_location("train_llm", os.path.join(ROOT, "launch", "train_llm.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_two_node_leaders_clear_one_shared_table(tmp_path, monkeypatch):
+    mod = train_llm()
+    shared = tmp_path / "ted"
+    shared.mkdir()
+    (shared / FILENAME).write_bytes(b"an earlier run's table")
+    leaders = [SimpleNamespace(node=node, is_local_leader=True, barrier=lambda: None) for node in (0, 1)]
+    args = SimpleNamespace(table_dir=str(shared))
+    # Both leaders saw the file before either removed it (exists-then-unlink raced here).
+    real_exists = os.path.exists
+    monkeypatch.setattr(mod.os.path, "exists", lambda p: p == str(shared / FILENAME) or real_exists(p))
+    assert {mod.place_table(args, ctx, str(tmp_path), resume=False) for ctx in leaders} == {str(shared)}
+    monkeypatch.undo()
+    assert not (shared / FILENAME).exists()
+
+
+@pytest.mark.parametrize("local_rank, current, count, expected", [
+    ("3", 0, 8, 3),     # before torch.cuda.set_device: the launcher's LOCAL_RANK
+    ("3", 5, 8, 5),     # set_device ran: its device
+    ("3", 0, 1, 0),     # one visible GPU per rank (CUDA_VISIBLE_DEVICES per task)
+    (None, 0, 8, 0),    # no launcher: the current device
+])
+def test_nccl_collectives_use_this_ranks_gpu(monkeypatch, local_rank, current, count, expected):
+    monkeypatch.setattr(ted_dist.dist, "get_backend", lambda: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    assert ted_dist.collective_device() == torch.device("cuda", expected)
+
+
+def test_ranks_meet_after_the_node_leader_saved_the_frozen_mask(tmp_path, monkeypatch):
+    cfg = TEDConfig(target=0.5, epochs=2, warmup_epochs=1, ramp_epochs=0)
+    ds = TEDStreamingDataset(local=make_corpus(tmp_path / "data", 16), table_dir=str(tmp_path / "t"),
+                             batch_size=4, ted=cfg)
+    ted = TEDProtocol(ds, scorer={"reading": "loss"})
+    on_disk_at_barrier = []
+    monkeypatch.setattr(ted_dist, "barrier", lambda: on_disk_at_barrier.append(
+        sorted(ScoreTable.load(ds.table_path).masks)))
+    ted.start_epoch(0)
+    assert on_disk_at_barrier == [[0]]
