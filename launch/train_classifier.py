@@ -284,7 +284,7 @@ TASKS = {"fashion": Fashion, "rotten": Rotten, "rotten-ft": RottenTuned, "news":
 
 def ted_config(args: argparse.Namespace) -> TEDConfig:
     """Map a policy and a wanted saved fraction onto a TEDConfig for this run."""
-    base = dict(epochs=args.epochs, seed=args.seed, ema=args.ema, explore=args.explore,
+    base = dict(epochs=args.epochs, seed=args.seed, ema=args.ema, explore=args.explore, alpha=args.alpha,
                 warmup_epochs=args.warmup, ramp_epochs=args.ramp, tail_epochs=args.tail,
                 rescale=args.rescale, monotone=args.monotone, trim_top=args.trim_top)
     if args.policy in ("full", "fewer-epochs"):
@@ -396,6 +396,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tail", type=int, default=1)
     p.add_argument("--ema", type=float, default=0.5)
     p.add_argument("--explore", type=float, default=0.1)
+    p.add_argument("--alpha", type=float, default=1.0, help="TEDConfig.alpha: 0 = random pruning, 1 = pool only")
     p.add_argument("--trim-top", type=float, default=0.0, help="share of the pruned count taken from the highest scores")
     p.add_argument("--rescale", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--keep-table", action="store_true", help="keep the run's score table (its path is in the result)")

@@ -7,8 +7,6 @@ import os
 import sys
 from typing import Any, Optional, Sequence
 
-import numpy as np
-
 from .fingerprint import index_fingerprint
 from .prepare import read_corpus, write_mds
 from .table import FILENAME, ScoreTable, TableError
@@ -26,6 +24,7 @@ def inspect(folder: str, table_dir: Optional[str] = None) -> dict[str, Any]:
         kept = m.kept
         epochs[str(e)] = {"kept": kept, "pruned": table.num_samples - kept, "requested": m.requested,
                           "boost_weight": m.boost_weight if m.boost is not None else None,
+                          "base_weight": m.base_weight,
                           "config": table.frozen_by.get(e)}
     return {
         "table": path, "num_samples": table.num_samples, "scored": int(scored.sum()),

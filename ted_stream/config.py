@@ -55,6 +55,12 @@ class TEDConfig:
         pruned + explore * (candidates - pruned), so at least (1 - explore) of the kept samples
         are kept for their scores at every target (0 = hard selection of the lowest scores).
         The re-admitted part of the pool gets trained and re-scored, so stale scores refresh.
+    alpha: how far the pruned samples concentrate in that low-score pool. The pool loses
+        alpha * pruned + (1 - alpha) * its proportional share, the other candidates the rest,
+        both at random; with ``rescale`` each side's kept samples are weighted by its size / its
+        kept count (inverse inclusion probabilities). alpha = 1 prunes only from the pool;
+        alpha = 0 prunes every candidate with the same probability: random pruning at the same
+        loss scale, so the score decides how far a mask departs from random.
     trim_top: share of each epoch's pruned count taken from the *highest* scores (outliers,
         likely label noise) instead of the lowest; 0 prunes only from the bottom.
     monotone: once pruned, a sample stays pruned (otherwise re-selected every epoch).
@@ -74,6 +80,7 @@ class TEDConfig:
     policy: str = "ted"
     ema: float = 0.5
     explore: float = 0.5
+    alpha: float = 1.0
     trim_top: float = 0.0
     monotone: bool = False
     rescale: bool = True
@@ -113,6 +120,8 @@ class TEDConfig:
             raise bad("ema", "a weight in (0, 1]")
         if not 0.0 <= self.explore < 1.0:
             raise bad("explore", "a fraction in [0, 1)")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise bad("alpha", "a fraction in [0, 1]")
         if not 0.0 <= self.trim_top <= 1.0:
             raise bad("trim_top", "a fraction in [0, 1]")
         if not self.max_weight >= 1.0:
@@ -142,6 +151,8 @@ class TEDConfig:
         identity = self.to_dict()
         if not self.tail_epochs:
             del identity["epochs"]
+        if self.alpha == 1.0:  # the rule of tables frozen before alpha existed: the same identity
+            del identity["alpha"]
         return identity
 
 

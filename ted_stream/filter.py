@@ -16,6 +16,8 @@ from typing import Any, Callable, Union
 import numpy as np
 from tqdm import tqdm
 
+from .mask import pack, unpack
+
 SampleFilter = Union[Callable[[dict[str, Any]], Any], "np.ndarray", list, tuple, range]
 
 
@@ -97,12 +99,12 @@ def load_cached(path: str, num_samples: int) -> np.ndarray | None:
     bits, crc = raw[:-4], raw[-4:]
     if len(bits) != (num_samples + 7) // 8 or zlib.crc32(bits).to_bytes(4, "little") != crc:
         return None
-    return np.unpackbits(np.frombuffer(bits, np.uint8), bitorder="little", count=num_samples).astype(bool)
+    return unpack(np.frombuffer(bits, np.uint8), num_samples)
 
 
 def save_cached(path: str, keep: np.ndarray) -> None:
     """Write atomically (temporary file, rename): readers see the old file or the whole new one."""
-    bits = np.packbits(keep, bitorder="little").tobytes()
+    bits = pack(keep).tobytes()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"  # open(), not mkstemp: the file mode follows the umask
     with open(tmp, "wb") as f:

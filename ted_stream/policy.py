@@ -13,7 +13,8 @@ import numpy as np
 
 from .config import TEDConfig
 from .schedule import pruned_fraction
-from .table import EpochMask, ScoreTable, bf16_order_key
+from .mask import EpochMask
+from .table import ScoreTable, bf16_order_key
 
 
 class PruningWarning(UserWarning):
@@ -36,7 +37,7 @@ def select(cfg: TEDConfig, table: ScoreTable, epoch: int, granule: int = 1,
         raise ValueError(f"groups has shape {np.shape(groups)}: expected ({n},), one group per sample")
     fraction = pruned_fraction(cfg, epoch)
     if fraction == 0.0:
-        return EpochMask.from_bools(epoch, np.ones(n, dtype=bool))
+        return EpochMask.everything(epoch, n)
     rng = np.random.default_rng([cfg.seed, epoch])
     if cfg.policy in ("random", "random-dynamic"):
         # The static draw is the same random keys in every epoch: a growing fraction prunes a
@@ -74,7 +75,7 @@ def _ted(cfg: TEDConfig, table: ScoreTable, epoch: int, rng: np.random.Generator
     drop = np.zeros(n, dtype=bool)
     previous = _latest_mask_before(table, epoch)
     if cfg.monotone and previous is not None:
-        was_pruned = candidates & ~np.unpackbits(previous.keep, bitorder="little", count=n).astype(bool)
+        was_pruned = candidates & ~previous.bools()
         drop = _lowest(key, was_pruned, min(k, _count(was_pruned)), rng)
         candidates = candidates & ~drop
     k_new = k - _count(drop)
@@ -91,16 +92,38 @@ def _ted(cfg: TEDConfig, table: ScoreTable, epoch: int, rng: np.random.Generator
         labels = np.unique(groups[candidates])
         members = [candidates & (groups == g) for g in labels]  # O(n) per group: meant for classes
         parts = list(zip(members, _shares(k_new, np.array([_count(m) for m in members]))))
+    rest, rest_drops = 0, 0  # candidates outside the pool, and how many alpha < 1 pruned there
     for members, k_part in parts:
-        part_pool = _lowest(key, members, pool_size(int(k_part), _count(members), cfg.explore), rng)
-        drop |= _uniform_draw(part_pool, int(k_part), rng)
+        size = _count(members)
+        part_pool = _lowest(key, members, pool_size(int(k_part), size, cfg.explore), rng)
+        k_pool = pool_share(int(k_part), _count(part_pool), size, cfg.alpha)
+        drop |= _uniform_draw(part_pool, k_pool, rng)
+        if k_pool < k_part:  # alpha < 1: the rest of the part loses the remainder, at random
+            drop |= _uniform_draw(members & ~part_pool, int(k_part) - k_pool, rng)
+        rest += size - _count(part_pool)
+        rest_drops += int(k_part) - k_pool
         if pool is None:
             pool = part_pool
         else:
             pool |= part_pool
     if cfg.rescale:
-        return _drop_and_boost(epoch, drop, pool, cfg.max_weight)
+        # Inverse inclusion probabilities per side: the pool's survivors carry the pool's mass,
+        # the rest's survivors the rest's (unscored samples, never pruned, weigh as the rest).
+        base = min(cfg.max_weight, rest / (rest - rest_drops)) if rest_drops else 1.0
+        return _drop_and_boost(epoch, drop, pool, cfg.max_weight, base)
     return EpochMask.from_bools(epoch, np.logical_not(drop, out=drop))
+
+
+def pool_share(k: int, pool: int, candidates: int, alpha: float) -> int:
+    """How many of the ``k`` pruned samples come from the low-score pool of size ``pool``.
+
+    alpha = 1 takes all of them from the pool; alpha = 0 takes the pool's proportional share
+    (pool / candidates of them), so every candidate is pruned with the same probability: random
+    pruning. In between, the pool is pruned alpha of the way from one to the other."""
+    if alpha >= 1.0 or candidates == 0:
+        return min(k, pool)
+    share = round(k * (alpha + (1.0 - alpha) * pool / candidates))
+    return max(k - (candidates - pool), min(share, pool, k))
 
 
 def pool_size(k: int, candidates: int, explore: float) -> int:
@@ -136,16 +159,30 @@ def _shares(total: int, counts: np.ndarray) -> np.ndarray:
     return shares
 
 
-def _drop_and_boost(epoch: int, drop: np.ndarray, group: np.ndarray, max_weight: float) -> EpochMask:
+def _drop_and_boost(epoch: int, drop: np.ndarray, group: np.ndarray, max_weight: float,
+                    base_weight: float = 1.0) -> EpochMask:
     """Drop ``drop``; the kept rest of ``group`` carries the group's mass, weighted
-    |group| / |kept| up to ``max_weight``."""
+    |group| / |kept| up to ``max_weight``; the other kept samples weigh ``base_weight``."""
     dropped = bool(drop.any())
     keep = np.logical_not(drop, out=drop)  # drop is ours: no second 1e8-sample array
     survivors = group & keep
     size, kept = _count(group), _count(survivors)
-    if not dropped or kept == 0 or max_weight == 1.0:
+    if not dropped or max_weight == 1.0:
         return EpochMask.from_bools(epoch, keep)
-    return EpochMask.from_bools(epoch, keep, survivors, min(max_weight, size / kept))
+    if kept == 0:
+        return EpochMask.from_bools(epoch, keep, base_weight=base_weight)
+    return EpochMask.from_bools(epoch, keep, survivors, min(max_weight, size / kept), base_weight=base_weight)
+
+
+def select_within(cfg: TEDConfig, table: ScoreTable, epoch: int, ids: np.ndarray, granule: int = 1,
+                  groups: Optional[np.ndarray] = None) -> EpochMask:
+    """``select`` over the samples ``ids`` only (a static filter's survivors): the policy sees a
+    table of those samples, renumbered, and the mask drops every sample outside them."""
+    sub = ScoreTable(len(ids), table.fingerprint, table.ema, table.scores[ids], table.updated[ids],
+                     {e: m.restrict(ids) for e, m in table.masks.items() if e < epoch})
+    sub.epoch = table.epoch
+    part = select(cfg, sub, epoch, granule, None if groups is None else groups[ids])
+    return part.expand(ids, table.num_samples)
 
 
 def _random_keys(rng: np.random.Generator, n: int) -> np.ndarray:

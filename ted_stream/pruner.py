@@ -8,7 +8,6 @@ filter, say). Both loaders hold one: ``TEDWebDataset`` and ``TEDStreamingDataset
 from __future__ import annotations
 
 import os
-import struct
 from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
@@ -17,7 +16,6 @@ from . import dist
 from .config import TEDConfig
 from .table import EpochMask, ScoreTable, copy_atomic
 
-_TAIL = struct.Struct("<dq")  # boost weight, requested count (-1: not recorded)
 
 Selector = Callable[[ScoreTable, int], EpochMask]
 """``fn(table, epoch)``: the policy's keep-mask of ``epoch`` from ``table``'s scores."""
@@ -159,18 +157,8 @@ class Pruner:
         return self.table.masks.get(epoch)
 
     def _broadcast(self, epoch: int, mask: Optional[EpochMask]) -> EpochMask:
-        n = self.num_samples
-        payload = None
-        if dist.rank() == 0:
-            boost = mask.boost if mask.boost is not None else np.empty(0, np.uint8)
-            tail = _TAIL.pack(mask.boost_weight, -1 if mask.requested is None else mask.requested)
-            payload = np.concatenate([mask.keep, boost, np.frombuffer(tail, np.uint8)])
-        data = dist.broadcast_bytes(payload)
-        nbits = (n + 7) // 8
-        weight, requested = _TAIL.unpack(data[-_TAIL.size:].tobytes())
-        boost = data[nbits:-_TAIL.size]
-        return EpochMask(epoch, data[:nbits].copy(), boost.copy() if len(boost) else None, weight, n,
-                         None if requested < 0 else requested)
+        data = dist.broadcast_bytes(mask.to_bytes() if dist.rank() == 0 else None)
+        return EpochMask.from_bytes(epoch, data, self.num_samples)
 
 
 def _to_numpy(x: Any) -> Any:

@@ -25,10 +25,11 @@ import shutil
 import struct
 import tempfile
 import zlib
-from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
+
+from .mask import EpochMask
 
 MAGIC = b"TEDTABLE"
 MAGIC_V1 = b"TEDTABL1"
@@ -79,48 +80,6 @@ def config_digest(config: Mapping[str, Any]) -> str:
     """Short stable digest of a run configuration (the key under which the header stores it)."""
     canon = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(canon).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class EpochMask:
-    """The frozen selection of one epoch: packed keep bits (little bit order), optional boost."""
-
-    epoch: int
-    keep: np.ndarray  # uint8[ceil(n/8)]
-    boost: Optional[np.ndarray]  # uint8[ceil(n/8)] or None: kept samples whose loss is up-weighted
-    boost_weight: float
-    num_samples: int
-    requested: Optional[int] = None  # samples the schedule asked to prune (None: not recorded)
-
-    @property
-    def kept(self) -> int:
-        return int(np.unpackbits(self.keep, bitorder="little", count=self.num_samples).sum())
-
-    @property
-    def crc(self) -> int:
-        crc = zlib.crc32(self.keep.tobytes())
-        return zlib.crc32(self.boost.tobytes(), crc) if self.boost is not None else crc
-
-    def keeps(self, ids: np.ndarray) -> np.ndarray:
-        """Whether each of ``ids`` is kept, without unpacking the whole mask."""
-        ids = np.asarray(ids, dtype=np.int64)
-        return ((self.keep[ids >> 3] >> (ids & 7).astype(np.uint8)) & 1).astype(bool)
-
-    def weights(self, ids: np.ndarray) -> np.ndarray:
-        """Loss weight of each of ``ids`` (1 unless boosted)."""
-        ids = np.asarray(ids, dtype=np.int64)
-        w = np.ones(len(ids), dtype=np.float32)
-        if self.boost is not None:
-            hit = ((self.boost[ids >> 3] >> (ids & 7).astype(np.uint8)) & 1).astype(bool)
-            w[hit] = self.boost_weight
-        return w
-
-    @classmethod
-    def from_bools(cls, epoch: int, keep: np.ndarray, boost: Optional[np.ndarray] = None,
-                   boost_weight: float = 1.0, requested: Optional[int] = None) -> "EpochMask":
-        pack = lambda a: np.packbits(np.asarray(a, dtype=bool), bitorder="little")
-        return cls(epoch, pack(keep), None if boost is None else pack(boost), float(boost_weight),
-                   len(keep), requested)
 
 
 class ScoreTable:
@@ -231,8 +190,7 @@ class ScoreTable:
         return {
             "num_samples": self.num_samples, "fingerprint": self.fingerprint, "ema": self.ema,
             "epoch": self.epoch,
-            "masks": [{"epoch": m.epoch, "boost": m.boost is not None, "boost_weight": m.boost_weight,
-                       "requested": m.requested, "config": stamps[m.epoch]} for m in self._sorted_masks()],
+            "masks": [_mask_entry(m, stamps[m.epoch]) for m in self._sorted_masks()],
             "configs": {d: self.configs[d] for d in sorted(set(stamps.values()) - {None})},
             "payload_crc": payload_crc, "payload_bytes": payload_bytes,
         }
@@ -357,13 +315,22 @@ class ScoreTable:
             if m["boost"]:
                 boost = np.array(mm[pos: pos + nbits])
                 pos += nbits
-            masks[m["epoch"]] = EpochMask(m["epoch"], keep, boost, float(m["boost_weight"]), n, m["requested"])
+            masks[m["epoch"]] = EpochMask(m["epoch"], keep, boost, float(m["boost_weight"]), n, m["requested"],
+                                          float(m.get("base_weight", 1.0)))
         table = cls(n, fp, header["ema"], scores, updated, masks, path)
         table.epoch = header["epoch"]
         table.frozen_by = {m["epoch"]: m["config"] for m in header["masks"] if m["config"] is not None}
         table.configs = header["configs"]
         table._seen = header_crc
         return table
+
+
+def _mask_entry(m: EpochMask, config: Optional[str]) -> dict[str, Any]:
+    entry = {"epoch": m.epoch, "boost": m.boost is not None, "boost_weight": m.boost_weight,
+             "requested": m.requested, "config": config}
+    if m.base_weight != 1.0:  # written only when used: tables of earlier versions read unchanged
+        entry["base_weight"] = m.base_weight
+    return entry
 
 
 def _parse_header(path: str, raw: bytes) -> dict[str, Any]:
@@ -414,6 +381,8 @@ def _parse_header(path: str, raw: bytes) -> dict[str, Any]:
         payload += nbits * (2 if need(m, "boost", "bool", where) else 1)
         if need(m, "boost_weight", "number", where) <= 0:
             raise bad(f"{where}'boost_weight' = {m['boost_weight']} is not > 0")
+        if "base_weight" in m and need(m, "base_weight", "number", where) <= 0:
+            raise bad(f"{where}'base_weight' = {m['base_weight']} is not > 0")
         need(m, "requested", "int?", where)
         if need(m, "config", "str?", where) not in configs and m["config"] is not None:
             raise bad(f"{where}'config' = {m['config']!r} is not in 'configs'")

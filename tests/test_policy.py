@@ -259,3 +259,81 @@ def test_masks_are_the_draws_the_quality_evidence_used():
                 digest.update(m.keep.tobytes() + (b"" if m.boost is None else m.boost.tobytes())
                               + repr(m.boost_weight).encode())
     assert digest.hexdigest() == "fc9ef4925e72726db69653a90349c6050730b05002e00fa09bf825d14580ca7b"
+
+
+# ---- alpha: a family from random pruning at the same loss scale (0) to pool-only pruning (1) ----
+def _alpha_masks(alpha, epochs, n=2000, target=0.5):
+    t = table(n, seed=3)
+    cfg = TEDConfig(target=target, warmup_epochs=0, ramp_epochs=0, alpha=alpha, seed=9)
+    return t, [select(cfg, t, e) for e in range(epochs)]
+
+
+def test_alpha_zero_is_random_pruning_at_the_same_loss_scale():
+    """alpha = 0: every sample is pruned with the same probability, whatever its score, and every
+    kept sample weighs n / kept, as random-dynamic with rescale does."""
+    n, epochs = 2000, 300
+    t, masks = _alpha_masks(0.0, epochs, n)
+    kept = np.array([m.bools() for m in masks])
+    assert (kept.sum(1) == n // 2).all()
+    order = np.argsort(t.score_array())
+    low, high = kept[:, order[: n // 4]].mean(), kept[:, order[-n // 4:]].mean()
+    se = np.sqrt(0.25 / (epochs * n / 4))
+    assert abs(low - high) < 5 * se * np.sqrt(2)  # the score does not change who is kept
+    random = select(TEDConfig(target=0.5, warmup_epochs=0, ramp_epochs=0, policy="random-dynamic", seed=9), t, 0)
+    for m in masks[:5]:
+        w = m.weights(np.flatnonzero(m.bools()))
+        np.testing.assert_allclose(w, random.weights(np.flatnonzero(random.bools())).mean(), rtol=2e-3)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_alpha_weights_keep_the_loss_mass(alpha):
+    """Inverse inclusion probabilities per side: the kept weights sum to n in every epoch, and the
+    weighted loss of the kept samples is an unbiased estimate of the full loss."""
+    n, epochs = 2000, 200
+    t, masks = _alpha_masks(alpha, epochs, n)
+    losses = np.random.default_rng(1).gamma(2.0, size=n) + (t.score_array() > 0)  # loss tied to score
+    totals = []
+    for m in masks:
+        ids = np.flatnonzero(m.bools())
+        w = m.weights(ids).astype(np.float64)
+        assert w.sum() == pytest.approx(n, rel=1e-6)
+        totals.append((w * losses[ids]).sum())
+    se = np.std(totals) / np.sqrt(epochs)
+    assert abs(np.mean(totals) - losses.sum()) < 5 * se + 1e-9 * losses.sum()
+
+
+def test_alpha_moves_the_pruned_set_towards_low_scores():
+    """The score decides how far a mask departs from random: the mean score of the pruned samples
+    falls as alpha grows, from the dataset mean (alpha 0) to the pool's (alpha 1)."""
+    means = []
+    for alpha in (0.0, 0.25, 0.5, 0.75, 1.0):
+        t, masks = _alpha_masks(alpha, 40)
+        s = t.score_array()
+        means.append(np.mean([s[~m.bools()].mean() for m in masks]))
+    assert all(a > b for a, b in zip(means, means[1:]))
+    assert abs(means[0] - s.mean()) < 0.05
+
+
+def test_alpha_one_draws_what_the_rule_before_it_drew():
+    t = table(5000, seed=2)
+    base = TEDConfig(target=0.6, warmup_epochs=0, ramp_epochs=0, seed=1)
+    a = select(base, t, 3)
+    b = select(TEDConfig(**{**base.to_dict(), "alpha": 1.0}), t, 3)
+    assert a.crc == b.crc and a.base_weight == b.base_weight == 1.0
+    assert "alpha" not in base.run_identity()  # tables frozen before alpha existed keep their identity
+    assert TEDConfig(alpha=0.5).run_identity()["alpha"] == 0.5
+
+
+@pytest.mark.parametrize("k,pool,candidates,alpha,expected", [
+    (10, 20, 100, 1.0, 10), (10, 20, 100, 0.0, 2), (10, 20, 100, 0.5, 6), (30, 20, 100, 1.0, 20),
+    (95, 20, 100, 0.0, 19), (95, 20, 100, 0.5, 20),  # never more than the pool
+])
+def test_pool_share(k, pool, candidates, alpha, expected):
+    from ted_stream.policy import pool_share
+
+    assert pool_share(k, pool, candidates, alpha) == expected
+
+
+def test_alpha_is_validated():
+    with pytest.raises(ValueError, match=r"TEDConfig.alpha=1.5 is invalid: expected a fraction in \[0, 1\]"):
+        TEDConfig(alpha=1.5)

@@ -27,10 +27,11 @@ from .. import dist
 from .. import filter as sample_filters
 from ..config import TEDConfig
 from ..fingerprint import index_fingerprint
-from ..policy import PruningWarning, select
+from ..mask import EpochMask, pack, unpack
+from ..policy import PruningWarning, select, select_within
 from ..pruner import HasPruner, Pruner, as_config
 from ..schedule import pruned_fraction
-from ..table import FILENAME, EpochMask, ScoreTable
+from ..table import FILENAME, ScoreTable
 from . import remote
 
 logger = logging.getLogger(__name__)
@@ -122,7 +123,6 @@ class TEDStreamingDataset(HasPruner, StreamingDataset):
         self._implicit: dict[int, EpochMask] = {}  # epochs frozen without start_epoch, from the file
         self._run_granule: Optional[int] = None  # the granule of the run a checkpoint came from
         self._kept_sizes: dict[int, int] = {}
-        self._boost_bits: Optional[tuple[EpochMask, bytes, float]] = None  # see _boost_weight
 
     @property
     def groups(self) -> Optional[NDArray[np.integer]]:
@@ -172,19 +172,10 @@ class TEDStreamingDataset(HasPruner, StreamingDataset):
         sample = super().get_item(sample_id, retry)
         mask = self._iter_mask if self._iter_epoch is not None else self.table.masks.get(self._epoch)
         sample["ted_id"] = int(sample_id)
-        sample["ted_weight"] = 1.0 if mask is None or mask.boost is None else self._boost_weight(mask, sample_id)
+        sample["ted_weight"] = 1.0 if mask is None or not mask.reweights else mask.weight_of(sample_id)
         if get_worker_info() is not None:  # in a DataLoader worker: see _WorkerSample
             sample = _WorkerSample(sample)
         return sample
-
-    def _boost_weight(self, mask: EpochMask, sample_id: int) -> float:
-        """``mask.weights([sample_id])``, without numpy's per-call cost: the boost bits as bytes,
-        read per sample in plain Python (the same float32-rounded weight)."""
-        cached = self._boost_bits
-        if cached is None or cached[0] is not mask:
-            cached = self._boost_bits = (mask, mask.boost.tobytes(), float(np.float32(mask.boost_weight)))
-        sample_id = int(sample_id)
-        return cached[2] if (cached[1][sample_id >> 3] >> (sample_id & 7)) & 1 else 1.0
 
     def _mask_for(self, epoch: int) -> Optional[EpochMask]:
         """The keep-mask of ``epoch``; None means all data. Never raises for a missing mask.
@@ -210,17 +201,8 @@ class TEDStreamingDataset(HasPruner, StreamingDataset):
         """The policy's mask; with a filter, the policy sees only the samples the filter keeps."""
         if self._filter is None:
             return select(self.ted, table, epoch, self._granule(), self.groups)
-        kept = np.flatnonzero(_bools(self._filter))
-        sub = ScoreTable(len(kept), table.fingerprint, table.ema, table.scores[kept], table.updated[kept],
-                         {e: _sub_mask(m, kept) for e, m in table.masks.items() if e < epoch})
-        sub.epoch = table.epoch
-        part = select(self.ted, sub, epoch, self._granule(), None if self.groups is None else self.groups[kept])
-        keep, boost = np.zeros(self.num_samples, bool), None
-        keep[kept] = _bools(part.keep, len(kept))
-        if part.boost is not None:
-            boost = np.zeros(self.num_samples, bool)
-            boost[kept] = _bools(part.boost, len(kept))
-        return EpochMask.from_bools(epoch, keep, boost, part.boost_weight, part.requested)
+        return select_within(self.ted, table, epoch, np.flatnonzero(self._filter.bools()), self._granule(),
+                             self.groups)
 
     # ---- where the table lives -----------------------------------------------------------------
     def _pull_table(self, path: str, fingerprint: dict[str, Any], timeout: float) -> None:
@@ -245,8 +227,7 @@ class TEDStreamingDataset(HasPruner, StreamingDataset):
             if keep is None:
                 keep = sample_filters.evaluate(spec, self.num_samples, super().get_item)
         if dist.active():  # rank 0 evaluated it: every rank gets the same bits
-            payload = None if keep is None else np.packbits(keep, bitorder="little")
-            keep = _bools(dist.broadcast_bytes(payload), self.num_samples)
+            keep = unpack(dist.broadcast_bytes(None if keep is None else pack(keep)), self.num_samples)
         if self._unique_rank_world.is_local_leader and not os.path.exists(path):
             sample_filters.save_cached(path, keep)
         return keep
@@ -334,7 +315,7 @@ class TEDStreamingDataset(HasPruner, StreamingDataset):
                           f"held no scores, so it pruned none of the {requested} samples the schedule asks "
                           "for; persist recorded scores with save_table() (or call start_epoch) before "
                           "an epoch begins", PruningWarning, stacklevel=3)
-            mask = EpochMask.from_bools(epoch, np.ones(self.num_samples, bool), requested=requested)
+            mask = EpochMask.everything(epoch, self.num_samples, requested)
         self.table.masks[epoch] = mask
 
     def kept_ids(self, epoch: int) -> NDArray[np.int64]:
@@ -345,7 +326,7 @@ class TEDStreamingDataset(HasPruner, StreamingDataset):
         keep = np.ones(self.num_samples, bool)
         for m in (mask, self._filter):
             if m is not None:
-                keep &= _bools(m.keep, self.num_samples)
+                keep &= m.bools()
         return np.flatnonzero(keep)
 
     def __len__(self) -> int:
@@ -435,14 +416,3 @@ def _plain_sample(plain: dict[str, Any], packed: tuple[str, ...]) -> dict[str, A
     return plain
 
 
-def _bools(packed: Any, count: Optional[int] = None) -> NDArray[np.bool_]:
-    """Unpack little-order keep bits (an ``EpochMask`` or its bytes) into bools."""
-    if isinstance(packed, EpochMask):
-        packed, count = packed.keep, packed.num_samples
-    return np.unpackbits(packed, bitorder="little", count=count).astype(bool)
-
-
-def _sub_mask(mask: EpochMask, ids: NDArray[np.int64]) -> EpochMask:
-    """``mask`` restricted to ``ids``, renumbered 0..len(ids)-1."""
-    boost = None if mask.boost is None else _bools(mask.boost, mask.num_samples)[ids]
-    return EpochMask.from_bools(mask.epoch, _bools(mask)[ids], boost, mask.boost_weight, mask.requested)

@@ -93,7 +93,6 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
         self._resume: Optional[tuple[int, int]] = None  # (epoch, samples this rank already consumed)
         self._served: Optional[int] = None  # the epoch the sampler last began to serve
         self._order: dict[int, np.ndarray] = {}  # the last epoch asked for -> this rank's ids, in order
-        self._boosted: Optional[tuple[int, Optional[np.ndarray], float]] = None  # see _weight
 
     def close(self) -> None:
         """Close the shard files this process opened (they reopen on the next read)."""
@@ -137,7 +136,7 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
         """Replace the table by the one at ``path`` (a checkpoint's copy: the live table may be
         ahead of it). A collective under torch.distributed; call it before ``load_state_dict``."""
         self.pruner.replace(path)
-        self._order, self._boosted = {}, None
+        self._order = {}
 
     def record(self, ids: Any, scores: Any) -> None:
         """Fold per-sample scores (keyed by the batch's ``ted_id``) into the table."""
@@ -159,18 +158,10 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
         return mask
 
     def _weight(self, epoch: int, sample_id: int) -> float:
-        """``ted_weight`` of a kept sample, from the epoch's boost bits unpacked once per epoch
-        (``EpochMask.weights`` builds arrays per call: a tenth of a sample's read time)."""
-        if self._boosted is None or self._boosted[0] != epoch:
-            mask = self._mask(epoch)
-            bits = None if mask.boost is None else np.unpackbits(mask.boost, bitorder="little",
-                                                                 count=self.num_samples).astype(bool)
-            self._boosted = (epoch, bits, mask.boost_weight)
-        _, bits, weight = self._boosted
-        return weight if bits is not None and bits[sample_id] else 1.0
+        return self._mask(epoch).weight_of(sample_id)
 
     def _keep_bools(self, epoch: int) -> np.ndarray:
-        return np.unpackbits(self._mask(epoch).keep, bitorder="little", count=self.num_samples).astype(bool)
+        return self._mask(epoch).bools()
 
     def _current_epoch(self) -> int:
         if self._epoch is None:
