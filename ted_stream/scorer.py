@@ -13,6 +13,7 @@ ZeRO-partitioned weights are never touched.
 from __future__ import annotations
 
 import fnmatch
+import weakref
 import zlib
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence, Union
@@ -75,17 +76,55 @@ def per_sample_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100)
     return per_token.sum(dim=1) / count
 
 
+class _Input:
+    """A scored layer's input, shared by the scored layers that read the same tensor (q, k and v
+    do): upcast at most once, the upcast dropped once the last of them has used it."""
+
+    def __init__(self, x: Tensor) -> None:
+        self.source = weakref.ref(x)
+        self.a = x.detach()
+        self.users = 0
+        self._wide: Optional[Tensor] = None
+
+    def wide(self) -> Tensor:
+        if self._wide is None:
+            self._wide = _at_least_fp32(self.a)
+        return self._wide
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users <= 0:
+            self._wide = None
+
+
+class _Inputs:
+    """The scored layers' inputs of the forward in progress, by tensor identity. Weak: an entry
+    lives as long as a backward hook may still use it."""
+
+    def __init__(self) -> None:
+        self._by_id: "weakref.WeakValueDictionary[int, _Input]" = weakref.WeakValueDictionary()
+
+    def share(self, x: Tensor) -> _Input:
+        held = self._by_id.get(id(x))
+        if held is None or held.source() is not x:
+            held = self._by_id[id(x)] = _Input(x)
+        held.users += 1
+        return held
+
+
 class _Layer:
     """One scored nn.Linear: its row subset and what its hooks gathered this micro-batch."""
 
-    def __init__(self, name: str, module: nn.Linear, rows: Tensor) -> None:
+    def __init__(self, name: str, module: nn.Linear, rows: Tensor, inputs: _Inputs) -> None:
         self.name = name
         self.module = module
         self.rows = rows
+        self.inputs = inputs
         self.has_bias = module.bias is not None
         self.grad_w: Optional[Tensor] = None  # [B, |R|, d], summed over the hook calls
         self.grad_b: Optional[Tensor] = None  # [B, |R|]
         self.calls = 0
+        self._rows_on: dict[torch.device, Tensor] = {}  # no host-to-device copy per hook call
 
     def on_forward(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
         # Reentrant checkpointing first runs the forward without grad; its recompute (with grad,
@@ -93,16 +132,30 @@ class _Layer:
         # checkpointing the recomputed output is never backpropagated, so its hook stays silent.
         if not torch.is_grad_enabled() or not isinstance(output, Tensor) or not output.requires_grad:
             return None
-        a = inputs[0].detach()
-        output.register_hook(lambda grad: self._accumulate(a, grad))
+        held = self.inputs.share(inputs[0])
+        output.register_hook(lambda grad: self._accumulate(held, grad))
         return None  # a forward hook that returns a value would replace the module's output
 
-    def _accumulate(self, a: Tensor, grad: Tensor) -> None:
-        batch = a.shape[0]
-        a = _at_least_fp32(a.reshape(batch, -1, a.shape[-1]))
-        b = grad.reshape(batch, -1, grad.shape[-1]).index_select(-1, self.rows.to(grad.device)).to(a.dtype)
-        grad_w = torch.bmm(b.transpose(1, 2), a)  # sum_t b_it[R] a_it^T per sample
-        grad_b = b.sum(dim=1) if self.has_bias else None
+    def _rows(self, device: torch.device) -> Tensor:
+        if device not in self._rows_on:
+            self._rows_on[device] = self.rows.to(device)
+        return self._rows_on[device]
+
+    def _accumulate(self, held: _Input, grad: Tensor) -> None:
+        batch = held.a.shape[0]
+        b = grad.reshape(batch, -1, grad.shape[-1]).index_select(-1, self._rows(grad.device))
+        if held.a.dtype == b.dtype == torch.bfloat16:
+            # bf16 products with fp32 accumulation (the matmul's), then only the small
+            # [B, |R|, d] result upcast: the input is read once, never rewritten in fp32.
+            a = held.a.reshape(batch, -1, held.a.shape[-1])
+            grad_w = torch.bmm(b.transpose(1, 2), a).float()
+        else:  # fp32 and wider (exact); fp16, whose product could overflow at the loss scale
+            a = held.wide()
+            a = a.reshape(batch, -1, a.shape[-1])
+            b = b.to(torch.promote_types(a.dtype, b.dtype))
+            grad_w = torch.bmm(b.transpose(1, 2), a.to(b.dtype))  # sum_t b_it[R] a_it^T per sample
+        grad_b = b.sum(dim=1, dtype=grad_w.dtype) if self.has_bias else None
+        held.release()
         if self.grad_w is None:
             self.grad_w, self.grad_b = grad_w, grad_b
         else:  # the module ran more than once in this forward (shared weights)
@@ -157,13 +210,14 @@ class TaylorScorer:
         self.process_group = process_group
         self.reference: Optional[Tensor] = None  # flat G over all scored coordinates
         self._layers: list[_Layer] = []
+        inputs = _Inputs()
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear) and any(fnmatch.fnmatchcase(name, p) for p in patterns):
                 out = module.out_features
                 # crc32, unlike hash(), is the same in every process.
                 gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
                 picked = torch.arange(out) if rows is None or rows >= out else torch.randperm(out, generator=gen)[:rows]
-                self._layers.append(_Layer(name, module, picked.sort().values))
+                self._layers.append(_Layer(name, module, picked.sort().values, inputs))
         if not self._layers:
             raise ValueError(f"no nn.Linear module of the model matches {patterns!r}")
         self._handles = [layer.module.register_forward_hook(layer.on_forward) for layer in self._layers]
@@ -199,11 +253,13 @@ class TaylorScorer:
             )
         grads = torch.cat([layer.take() for layer in self._layers], dim=1)
         batch = grads.shape[0]
-        weight = torch.as_tensor(loss_weight, dtype=grads.dtype, device=grads.device).expand(batch)
+        # No tensor from host data on the per-step path: a fill, not a host-to-device copy.
+        weight = (loss_weight.to(grads.device, grads.dtype) if isinstance(loss_weight, Tensor)
+                  else grads.new_full((), loss_weight)).expand(batch)
         safe = torch.where(weight == 0, torch.ones_like(weight), weight)
         grads = torch.where(weight[:, None] == 0, torch.zeros_like(grads), grads / safe[:, None])
 
-        total = torch.cat([grads.sum(dim=0), grads.new_tensor([batch])])
+        total = torch.cat([grads.sum(dim=0), grads.new_full((1,), batch)])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
             dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.process_group)
         self.reference = self._blend(total[:-1] / total[-1])

@@ -1,14 +1,17 @@
 """What a GPU run would hit first, caught on the CPU: fp16 loss-scale overflows (non-finite
 scores are dropped and counted, the EMA reference survives), fp16 loss weights times the loss
-scale, the DeepSpeed loss scale wherever DeepSpeed keeps it, and a reference restored before the
-model moved (the "meta" device stands in for the accelerator)."""
+scale, a reference restored before the model moved, host-device copies per micro-step (the
+"meta" device stands in for the accelerator), one upcast per shared input, and bf16 scores
+ranked as the fp32 oracle ranks them."""
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import make_corpus
 from ted_stream import TEDConfig, TEDStreamingDataset
@@ -106,3 +109,97 @@ def test_a_reference_restored_before_the_model_moved_follows_it():
         per_sample_ce(model(batch["x"]), batch["label"]).mean().backward()
         scores = scorer.compute(1.0 / BATCH)
     assert scorer.reference.device.type == "meta" and scores.d.device.type == "meta"
+
+
+class Transfers(TorchDispatchMode):
+    """What would stall a GPU's host, with "meta" as the device: copies between the host and the
+    device (a read of a device value on the host, .item() or .cpu(), fails on meta outright), and
+    dtype casts of tensors of ``shape``."""
+
+    def __init__(self, shape: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.shape = shape
+        self.copies: list[str] = []
+        self.casts: list[tuple[torch.dtype, torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in ("_to_copy", "copy_", "_copy_from", "lift_fresh", "lift_fresh_copy"):
+            src = args[0]
+            if src.device.type == "cpu" and out.device.type == "meta":
+                self.copies.append(func.overloadpacket.__name__)
+            if src.dtype != out.dtype and tuple(src.shape) == self.shape:
+                self.casts.append((src.dtype, out.dtype))
+        return out
+
+
+def count_device_tensors_from_host_data(monkeypatch, seen: list[str]) -> None:
+    """torch.tensor(data, device=...) and kin copy host data below the dispatcher's view."""
+    for owner, name in ((torch, "tensor"), (torch, "as_tensor"), (torch.Tensor, "new_tensor")):
+        def made(*args, _real=getattr(owner, name), _name=name, **kwargs):
+            out = _real(*args, **kwargs)
+            data = args[1] if _name == "new_tensor" else args[0]
+            if out.device.type == "meta" and not isinstance(data, torch.Tensor):
+                seen.append(_name)
+            return out
+        monkeypatch.setattr(owner, name, made)
+
+
+def test_a_micro_step_copies_only_its_ted_weight_to_the_device(data, tmp_path, monkeypatch):
+    ted = protocol(data, tmp_path / "t", ref_ema=0.5)
+    ted.model.to("meta")
+    copies = []
+    for first in (0, 8, 16):
+        batch = make_batch(first)  # on the host, as a loader yields it
+        x, label = batch["x"].to("meta"), batch["label"].to("meta")  # the loop's own input copies
+        with monkeypatch.context() as patch, Transfers() as seen:
+            count_device_tensors_from_host_data(patch, seen.copies)
+            ted.loss(per_sample_ce(ted.model(x), label), batch).backward()
+            ted.score(backward_scale=0.5)
+        copies.append(seen.copies)
+    assert copies[1:] == [["_to_copy"], ["_to_copy"]]  # ted_weight; the first step also places the rows
+
+
+class QKV(nn.Module):
+    """Three scored layers reading one input, as q, k and v do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v, self.head = nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.q(x) * self.k(x) + self.v(x)).float().mean(dim=1)
+
+
+@pytest.mark.parametrize("dtype, upcasts", [(torch.float16, 1), (torch.bfloat16, 0)])
+def test_a_shared_input_is_upcast_at_most_once(dtype, upcasts):
+    model = QKV().to(dtype)
+    scorer = TaylorScorer(model, rows=2)
+    x = torch.randn(4, 5, 8).to(dtype)
+    with Transfers(shape=tuple(x.shape)) as seen:
+        per_sample_ce(model(x), torch.tensor([0, 1, 2, 0])).mean().backward()
+        scores = scorer.compute(1.0 / 4)
+    assert seen.casts == [(dtype, torch.float32)] * upcasts
+    assert scores.d.dtype == torch.float32 and torch.isfinite(scores.d).all()
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ranks = [t.argsort().argsort().double() for t in (a, b)]
+    return float(torch.corrcoef(torch.stack(ranks))[0, 1])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_bf16_scores_rank_samples_as_the_fp32_oracle_does(device):
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4)).to(device)
+    narrow = copy.deepcopy(wide).to(torch.bfloat16)
+    x, labels = torch.randn(64, 24, 16, device=device), torch.randint(0, 4, (64,), device=device)
+    got = []
+    for model, dtype in ((wide, torch.float32), (narrow, torch.bfloat16)):
+        scorer = TaylorScorer(model, rows=8)
+        per_sample_ce(model(x.to(dtype)).mean(dim=1), labels).mean().backward()
+        got.append(scorer.compute(1.0 / 64).d)
+    assert got[1].dtype == torch.float32
+    assert spearman(got[0].cpu(), got[1].cpu()) >= 0.99
