@@ -29,7 +29,7 @@ def test_prepare_then_inspect(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["num_samples"] == 50 and info["scored"] == 50 and info["fingerprint_matches"]
     digest = info["epochs"]["0"]["config"]
-    assert info["epochs"]["0"] == {"kept": 50, "pruned": 0, "requested": None, "boost_weight": None,
+    assert info["epochs"]["0"] == {"kept": 50, "pruned": 0, "requested": None, "boost_weight": None, "base_weight": 1.0,
                                    "config": digest}
     assert info["epochs"]["1"]["pruned"] == 20 and info["epochs"]["1"]["config"] == digest
     assert info["configs"] == {digest: TEDConfig(target=0.4, warmup_epochs=1, ramp_epochs=0).run_identity()}
