@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import uuid
 from math import ceil
 from typing import Any, Mapping, Optional, Union
 
@@ -33,7 +35,6 @@ from .config import scorer_settings
 from .loaders.streaming import TEDStreamingDataset
 from .loaders.wds import STATE_FORMAT as WDS_STATE, TEDWebDataset, next_epoch_state
 from .scorer import Scores, TaylorScorer
-from .table import copy_atomic
 
 TABLE_FILE = "ted_table.tedt"  # the table as of a checkpoint, inside the checkpoint folder
 STATE_VERSION = 1
@@ -50,6 +51,15 @@ def _upcoming_epoch(ds: Dataset) -> int:
 def _rank_samples(ds: Dataset, epoch: int) -> int:
     """Samples each rank reads in the frozen ``epoch``."""
     return len(ds.rank_ids(epoch)) if isinstance(ds, TEDWebDataset) else len(ds)
+
+
+def copy_shared(src: str, dst: str) -> None:
+    """Copy ``src`` to ``dst`` through a temporary and a rename (a reader sees the old file or the
+    new one). Every node's leader may write the same ``dst`` on a shared folder, and pids repeat
+    across containers: the temporary is named by a uuid."""
+    tmp = f"{dst}.tmp-{uuid.uuid4().hex}"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def deepspeed_loss_scale(engine: Any) -> Union[float, Tensor]:
@@ -251,15 +261,15 @@ class TEDProtocol:
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def checkpoint(self, folder: str, loader: Any = None, *, skip_finished_epoch: bool = False) -> dict[str, Any]:
-        """Merge every rank's scores, persist the table and copy it into ``folder`` (global rank
-        0 writes); a collective. Returns the protocol's state, with the loader's when given:
+        """Merge every rank's scores, persist the table and copy it into ``folder`` (each node's
+        table writer writes: ``folder`` may be node-local); a collective. Returns the protocol's state, with the loader's when given:
         store it with the checkpoint and pass it to ``restore``. See ``state_dict`` for
         ``skip_finished_epoch``."""
         self.flush()
         self.dataset.save_table()
-        if dist.rank() == 0:
+        if self.dataset.pruner.leader:
             os.makedirs(folder, exist_ok=True)
-            copy_atomic(self.dataset.table_path, os.path.join(folder, TABLE_FILE))
+            copy_shared(self.dataset.table_path, os.path.join(folder, TABLE_FILE))
         return self.state_dict(loader, skip_finished_epoch=skip_finished_epoch)
 
     def state_dict(self, loader: Any = None, *, skip_finished_epoch: bool = False) -> dict[str, Any]:

@@ -1,9 +1,11 @@
 """Many nodes, on one CPU: node leaders that share one table folder, NCCL's device before
-torch.cuda.set_device, and a barrier between a node leader's table save and any rank going on."""
+torch.cuda.set_device, a barrier between a node leader's table save and any rank going on, a
+checkpoint's table copy on every node, and two copies to one shared path by equal pids."""
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +14,7 @@ import torch
 from conftest import make_corpus
 from ted_stream import TEDConfig, TEDStreamingDataset
 from ted_stream import dist as ted_dist
-from ted_stream.protocol import TEDProtocol
+from ted_stream.protocol import TABLE_FILE, TEDProtocol, copy_shared
 from ted_stream.table import FILENAME, ScoreTable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,3 +69,34 @@ def test_ranks_meet_after_the_node_leader_saved_the_frozen_mask(tmp_path, monkey
         sorted(ScoreTable.load(ds.table_path).masks)))
     ted.start_epoch(0)
     assert on_disk_at_barrier == [[0]]
+
+
+def test_every_node_leader_copies_the_table_into_its_checkpoint(tmp_path, monkeypatch):
+    """--out on node-local disks: global rank 2, the leader of node 1, needs its own copy."""
+    ds = TEDStreamingDataset(local=make_corpus(tmp_path / "data", 16), table_dir=str(tmp_path / "t"),
+                             batch_size=4, ted=TEDConfig(target=0.5, epochs=1, warmup_epochs=1, ramp_epochs=0))
+    ted = TEDProtocol(ds, scorer={"reading": "loss"})
+    ted.start_epoch(0)
+    monkeypatch.setattr(ted_dist, "rank", lambda: 2)
+    ted.checkpoint(str(tmp_path / "node1" / "step4"))
+    assert ScoreTable.load(str(tmp_path / "node1" / "step4" / TABLE_FILE)).masks.keys() == {0}
+
+
+def test_two_writers_of_one_checkpoint_copy_with_the_same_pid(tmp_path, monkeypatch):
+    """Two node leaders (the same pid in their containers) copy to one shared path at once."""
+    src, dst = tmp_path / "table", tmp_path / "shared" / TABLE_FILE
+    src.write_bytes(b"the table")
+    dst.parent.mkdir()
+    real_copy = shutil.copyfile
+    monkeypatch.setattr(os, "getpid", lambda: 4242)
+    racing = []
+
+    def copy_while_the_other_node_copies(a, b):
+        real_copy(a, b)
+        if not racing:  # the other leader runs its whole copy between this one's write and rename
+            racing.append(b)
+            copy_shared(str(src), str(dst))
+
+    monkeypatch.setattr(shutil, "copyfile", copy_while_the_other_node_copies)
+    copy_shared(str(src), str(dst))
+    assert dst.read_bytes() == b"the table" and os.listdir(dst.parent) == [TABLE_FILE]

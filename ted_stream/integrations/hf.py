@@ -37,7 +37,6 @@ import torch
 from streaming import StreamingDataLoader
 from torch import Tensor
 
-from .. import dist
 from ..loaders.streaming import TEDStreamingDataset
 from ..loaders.wds import TEDWebDataset, TEDWebLoader
 from ..protocol import TEDProtocol, deepspeed_loss_scale
@@ -150,7 +149,7 @@ class TEDCallback(TrainerCallback):
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         # The Trainer stops at an empty epoch: a checkpoint at an epoch's end resumes the next one.
         saved = self.trainer.ted.checkpoint(folder, self.trainer.get_train_dataloader(), skip_finished_epoch=True)
-        if dist.rank() == 0:
+        if args.should_save:  # beside the Trainer's own files: on each node with save_on_each_node
             torch.save(saved, os.path.join(folder, STATE_FILE))
 
 
