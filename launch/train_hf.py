@@ -113,7 +113,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from transformers import TrainingArguments
 
     import llm_data
-    from ted_stream.integrations.hf import TEDTrainer
+    from ted_stream.integrations.hf import TEDTrainer, refuse_data_parallel
 
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local_world))
@@ -124,6 +124,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         eval_strategy="epoch", logging_steps=10, save_strategy="steps", save_steps=args.save_steps,
         save_total_limit=2, report_to=[], seed=args.seed, deepspeed=ds_config,
         use_cpu=not torch.cuda.is_available(), disable_tqdm=not sys.stderr.isatty())
+    try:  # before the data are prepared
+        refuse_data_parallel(targs)
+    except ValueError as e:
+        raise SystemExit(f"train_hf: {e}") from None
 
     # Rank 0 prepares the shards (deterministic; a node-local copy is identical), the others wait.
     data_dir = os.path.join(args.out, "data", llm_data.data_tag(args.model, args.vocab_size, args.seq_len,

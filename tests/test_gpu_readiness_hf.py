@@ -1,10 +1,11 @@
 """The Trainer's GPU-only paths, reproduced on the CPU: the fp16 loss scale read before the step
 that accelerate runs inside backward under DeepSpeed, DeepSpeed's loss scale at every ZeRO stage,
 ted_weight kept fp32 when the Trainer casts float inputs to DeepSpeed's dtype, and nn.DataParallel
-(several GPUs, no launcher) refused."""
+(several GPUs, no launcher) refused, by launch/train_hf.py before it prepares any data."""
 from __future__ import annotations
 
 import gc
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -19,6 +20,7 @@ from ted_stream.prepare import write_mds  # noqa: E402
 from ted_stream.protocol import deepspeed_loss_scale  # noqa: E402
 
 N, SEQ, VOCAB, BATCH = 16, 8, 32, 4
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = TEDConfig(target=0.5, epochs=1, warmup_epochs=1, ramp_epochs=0)
 
 
@@ -129,3 +131,15 @@ def test_deepspeed_loss_scale_at_every_stage():
     assert deepspeed_loss_scale(SimpleNamespace(fp16_enabled=lambda: False, optimizer=None)) == 1.0
     with pytest.raises(RuntimeError, match=r"optimizer \(SGD\) has no numeric loss_scale or cur_scale"):
         deepspeed_loss_scale(fp16_engine(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)))
+
+
+def test_train_hf_refuses_data_parallel_before_preparing_data(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_hf", os.path.join(ROOT, "launch", "train_hf.py"))
+    train_hf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_hf)
+    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 4))
+    with pytest.raises(SystemExit, match=r"train_hf: TrainingArguments.n_gpu=4.*torchrun --nproc_per_node 4"):
+        train_hf.main(["--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "data").exists()

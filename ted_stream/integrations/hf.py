@@ -43,6 +43,7 @@ from ..protocol import TEDProtocol, deepspeed_loss_scale
 from ..scorer import per_sample_ce, per_sample_lm_loss
 
 __all__ = ["TEDTrainer", "TEDTrainerMixin", "TEDCallback", "TEDLoader", "TEDWebTrainerLoader", "causal_lm_loss",
+           "refuse_data_parallel",
            "STATE_FILE"]
 
 STATE_FILE = "ted_state.pt"  # the protocol's and the loader's state, beside the Trainer's files
@@ -179,11 +180,7 @@ class TEDTrainerMixin:
             raise ValueError(f"TEDWebDataset(rank={ds.rank}, world_size={ds.world_size}) but the Trainer runs rank "
                              f"{targs.process_index} of {targs.world_size}: expected the same (create the dataset "
                              "after TrainingArguments, which sets up torch.distributed, or pass rank= and world_size=)")
-        if targs.n_gpu > 1:
-            raise ValueError(f"TrainingArguments.n_gpu={targs.n_gpu}: one process sees several GPUs, so the Trainer "
-                             "would wrap the model in nn.DataParallel, whose replicas share the scorer's hooks; "
-                             f"expected one process per GPU: torchrun --nproc_per_node {targs.n_gpu} (or "
-                             "accelerate launch, or deepspeed) your script, or CUDA_VISIBLE_DEVICES=0 for one GPU")
+        refuse_data_parallel(targs)
         if targs.max_steps > 0:
             raise ValueError(f"max_steps={targs.max_steps}: expected -1; TED training is counted in epochs "
                              "(num_train_epochs), since pruned epochs have fewer steps")
@@ -292,6 +289,16 @@ class TEDTrainerMixin:
 
 class TEDTrainer(TEDTrainerMixin, Trainer):
     """``transformers.Trainer`` with TED pruning; see ``TEDTrainerMixin`` for its extra arguments."""
+
+
+def refuse_data_parallel(targs: Any) -> None:
+    """ValueError if the Trainer would wrap the model in ``nn.DataParallel`` (one process that
+    sees several GPUs): its replicas would share the scorer's hooks."""
+    if targs.n_gpu > 1:
+        raise ValueError(f"TrainingArguments.n_gpu={targs.n_gpu}: one process sees several GPUs, so the Trainer "
+                         "would wrap the model in nn.DataParallel, whose replicas share the scorer's hooks; "
+                         f"expected one process per GPU: torchrun --nproc_per_node {targs.n_gpu} (or "
+                         "accelerate launch, or deepspeed) your script, or CUDA_VISIBLE_DEVICES=0 for one GPU")
 
 
 def follow_epochs(scheduler: Any, progress: Callable[[], float], total_steps: int) -> None:
