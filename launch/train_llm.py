@@ -169,6 +169,16 @@ class Ctx:
             self.dist.all_reduce(t)
         return t.tolist()
 
+    def sum_on_device(self, value: Any) -> float:
+        """The sum over ranks of a one-element tensor on this rank's device, read on the host
+        once (a sync; ``sum`` would read it, copy it back and read it again)."""
+        import torch
+
+        total = torch.as_tensor(value, dtype=torch.float64).reshape(1)
+        if self.world > 1:
+            self.dist.all_reduce(total)
+        return float(total)
+
     def gather(self, value: int) -> list[int]:
         out = [None] * self.world
         self.dist.all_gather_object(out, value)
@@ -567,19 +577,24 @@ def main(argv: Optional[list[str]] = None) -> int:
                    mininterval=0.1 if sys.stderr.isatty() else 10.0)
         t_epoch = time.time()
         t_step = time.time()
+        window_loss, window_count = 0.0, 0  # this optimizer step's loss sum (on the device) and samples
         for batch in loader:
             ids = batch["input_ids"].to(engine.device)  # this rank's device, not always cuda:0
+            # with the inputs: a host copy queued after the forward would wait for it on a GPU
+            weighted = {"ted_id": batch["ted_id"], "ted_weight": batch["ted_weight"].to(engine.device)}
             logits = engine(input_ids=ids).logits
             per_sample = per_sample_lm_loss(logits, ids)
-            engine.backward(protocol.loss(per_sample, batch))  # weighted by ted_weight
+            engine.backward(protocol.loss(per_sample, weighted))  # weighted by ted_weight
             protocol.score(backward_scale=deepspeed_loss_scale(engine) / gas)  # the engine divides by GAS
             boundary = engine.is_gradient_accumulation_boundary()
             lr = engine.get_lr()[0]  # the rate this step applies
             engine.step()
-            loss_sum, count = ctx.sum([float(per_sample.detach().sum()), float(len(ids))])
+            window_loss = window_loss + per_sample.detach().sum()  # read once per optimizer step
+            count = len(ids) * ctx.world  # every rank trains equal batches (streaming pads equal shares)
+            window_count += count
             state["epoch_micro"] += 1
-            state["epoch_trained"] += int(count)
-            state["trained"] += int(count)
+            state["epoch_trained"] += count
+            state["trained"] += count
             step_done = boundary
             if ids_log is not None:
                 ids_log.write(json.dumps({"epoch": epoch, "step": state["step"] + 1,
@@ -588,9 +603,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 state["step"] += 1
                 dt = time.time() - t_step
                 t_step = time.time()
-                row = {"type": "step", "step": state["step"], "epoch": epoch, "loss": loss_sum / count,
-                       "lr": lr, "samples_per_s": count * gas / dt,
-                       "tokens_per_s": count * gas * args.seq_len / dt}
+                row = {"type": "step", "step": state["step"], "epoch": epoch,
+                       "loss": ctx.sum_on_device(window_loss) / window_count, "lr": lr,
+                       "samples_per_s": window_count / dt, "tokens_per_s": window_count * args.seq_len / dt}
+                window_loss, window_count = 0.0, 0
                 emit(row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
                 if args.save_every and state["step"] % args.save_every == 0:
