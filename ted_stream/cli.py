@@ -79,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"wrote {n} samples to {args.out} (table in {os.path.join(args.out, 'ted')})")
             return 0
         info = inspect(args.folder, args.table_dir)
-    except (TableError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (TableError, ValueError, OSError) as e:  # OSError: a missing file, a full disk
         print(f"ted-stream: error: {e}", file=sys.stderr)
         return 2
     if args.json:

@@ -132,6 +132,12 @@ class TEDConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "TEDConfig":
         """Build from a plain mapping (e.g. the ``"ted"`` block of a DeepSpeed config)."""
+        if not isinstance(values, Mapping):
+            raise ValueError(f"TED config {values!r} is invalid: expected a mapping of field names to values")
+        odd = [k for k in values if not isinstance(k, str)]
+        if odd:
+            raise ValueError(f"TED config key(s) {odd} are not strings; expected field names, some of "
+                             f"{sorted(f.name for f in fields(cls))}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

@@ -11,6 +11,7 @@ import os
 from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
+import torch
 
 from . import dist
 from .config import TEDConfig
@@ -161,5 +162,12 @@ class Pruner:
         return EpochMask.from_bytes(epoch, data, self.num_samples)
 
 
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
 def _to_numpy(x: Any) -> Any:
-    return x.detach().cpu().numpy() if hasattr(x, "detach") else x
+    if not hasattr(x, "detach"):
+        return x
+    x = x.detach().cpu()
+    # numpy has no bfloat16 (nor float8): widen such scores to float32, which holds them exactly
+    return (x.float() if x.is_floating_point() and x.dtype not in _NUMPY_FLOATS else x).numpy()

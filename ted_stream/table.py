@@ -24,6 +24,7 @@ import os
 import shutil
 import struct
 import tempfile
+import uuid
 import zlib
 from typing import Any, Iterator, Mapping, Optional
 
@@ -47,9 +48,17 @@ class TableError(RuntimeError):
     or another process rewrote it."""
 
 
+BF16_MAX = 3.3895313892515355e38  # the largest finite bfloat16
+
+
 def f32_to_bf16(x: np.ndarray) -> np.ndarray:
-    """Round float32 to bfloat16 bits (nearest, ties to even), as uint16."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    """Round float32 to bfloat16 bits (nearest, ties to even), as uint16. Finite values beyond
+    the largest finite bfloat16 (float32's top 0.4%) saturate to it instead of rounding to inf."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    big = np.isfinite(x) & (np.abs(x) > BF16_MAX)  # inf stays inf, nan stays nan
+    if big.any():
+        x = np.where(big, np.copysign(np.float32(BF16_MAX), x), x)
+    bits = x.view(np.uint32)
     rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
     out = (rounded >> np.uint32(16)).astype(np.uint16)
     nan = np.isnan(x)
@@ -137,14 +146,16 @@ class ScoreTable:
                              f"{ids.dtype}, e.g. {ids[:3].tolist()}")
         if len(values) and values.dtype.kind not in "iuf":
             raise ValueError(f"record: scores must be real numbers; got dtype {values.dtype}")
-        with np.errstate(over="ignore"):  # a float64 beyond float32's range: reported as not finite
+        given = values
+        with np.errstate(over="ignore"):  # a float64 beyond float32's range: reported below
             ids, values = ids.astype(np.int64), values.astype(np.float32)
         if len(ids) and (ids.min() < 0 or ids.max() >= self.num_samples):
             raise ValueError(f"record: sample ids must lie in [0, {self.num_samples}); "
                              f"got min {ids.min()}, max {ids.max()}")
         if not np.isfinite(values).all():
-            raise ValueError(f"record: scores must be finite float32 values; got "
-                             f"{values[~np.isfinite(values)][:4].tolist()}")
+            bad = ~np.isfinite(values)
+            raise ValueError(f"record: scores must be finite float32 values (|score| <= 3.4e38); got "
+                             f"{given[bad][:4].tolist()}")
         return ids, values
 
     def score_array(self) -> np.ndarray:
@@ -438,9 +449,14 @@ def copy_atomic(src: str, dst: str) -> None:
     """Copy a table file to ``dst`` through a temporary file and a rename: a reader of ``dst``
     sees the old file or the new one, never a part."""
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    tmp = f"{dst}.tmp-{os.getpid()}"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    tmp = f"{dst}.tmp-{uuid.uuid4().hex}"  # not the pid: pids repeat across containers
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # a full disk must not leave a partial copy behind
+        raise
 
 
 def _write_all(fd: int, data: Any) -> None:
