@@ -51,6 +51,8 @@ VARIANTS = {
     # Issue 23: the alpha family, between random at the same loss scale (0) and the pool rule (1).
     "ted (d, explore 0.5, alpha 0.25)": ["--policy", "ted", "--reading", "d", "--explore", "0.5", "--alpha", "0.25"],
     "ted (d, explore 0.5, alpha 0.5)": ["--policy", "ted", "--reading", "d", "--explore", "0.5", "--alpha", "0.5"],
+    "ted (d-fit, explore 0.5)": ["--policy", "ted", "--reading", "d-fit", "--explore", "0.5"],
+    "ted (d-fit, explore 0.5, alpha 0.5)": ["--policy", "ted", "--reading", "d-fit", "--explore", "0.5", "--alpha", "0.5"],
     "ted (d, explore 0.5, trim-top 0.1)": ["--policy", "ted", "--reading", "d", "--explore", "0.5", "--trim-top", "0.1"],
     # Text (issue 15): prune a fifth of the pruned count from the highest scores (outliers,
     # likely label noise) as well as from the lowest.

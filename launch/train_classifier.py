@@ -45,7 +45,10 @@ from ted_stream.table import ScoreTable
 # fewer-epochs: all data, stopped after the sample-iterations that random pruning at the same
 # --target-saved trains (its cosine schedule spans that shorter run): the free alternative.
 POLICIES = ("full", "fewer-epochs", "random", "random-dynamic", "infobatch", "ted", "grad-norm", "loss")
-READINGS = ("d", "s", "abs-s", "grad-norm", "loss")
+# d-fit (issue 23's search for learnable-hard vs unlearnable): d times exp(-loss), so samples the
+# model never fits (large d, large loss) score low like learned ones, and the moderately fit
+# hard ones score highest.
+READINGS = ("d", "d-fit", "s", "abs-s", "grad-norm", "loss")
 # InfoBatch's pruning probability r for a wanted saved fraction: its saved fraction is r times the
 # share of below-mean losses (measured, not configured: the benchmark reports what was saved).
 INFOBATCH_R = {0.3: 0.5, 0.5: 0.83, 0.7: 0.95}
@@ -304,7 +307,7 @@ def reading_of(args: argparse.Namespace) -> str:
 
 
 def score(stats, reading: str) -> torch.Tensor:
-    return {"d": stats.d, "s": stats.s, "abs-s": stats.s.abs(), "grad-norm": stats.sqnorm.sqrt(),
+    return {"d": stats.d, "d-fit": stats.d * torch.exp(-stats.loss), "s": stats.s, "abs-s": stats.s.abs(), "grad-norm": stats.sqnorm.sqrt(),
             "loss": stats.loss}[reading]
 
 
