@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import glob
 import hashlib
 import json
 import math
@@ -498,9 +499,10 @@ def report(args: argparse.Namespace, quiet: bool = False) -> None:
                   f"news loss before fine-tuning {before:.4f} nats (perplexity {math.exp(before):.1f}); "
                   f"pretraining took {pre['seconds']:.0f} s."), ""]
     lines += ["## Held-out loss and perplexity", "",
-              "Mean ± std over seeds; Δ against all data (negative = lower loss than all data).", "",
-              "| variant | level | held-out loss (nats) | Δ vs all data | perplexity | measured saved | seeds |",
-              "|---|---|---|---|---|---|---|"]
+              ("Mean ± std over seeds; Δ against all data (negative = lower loss than all data); commit: the code "
+               "each cell ran (+: with uncommitted changes)."), "",
+              "| variant | level | held-out loss (nats) | Δ vs all data | perplexity | measured saved | seeds | commit |",
+              "|---|---|---|---|---|---|---|---|"]
     order = [v for v, _ in VARIANTS]
     for v in order:
         for lv in ([0.0] if v == ALL else levels):
@@ -511,7 +513,8 @@ def report(args: argparse.Namespace, quiet: bool = False) -> None:
             lines.append(f"| {v} | {'–' if v == ALL else f'{lv:.0%}'} | {_ms(loss)} | "
                          f"{'–' if v == ALL else _signed(np.mean(loss) - full_loss)} | "
                          f"{_ms([r['heldout_ppl'] for r in rs], '{:.2f}')} | "
-                         f"{np.mean([r['saved'] for r in rs]):.1%} | {len(rs)} |")
+                         f"{np.mean([r['saved'] for r in rs]):.1%} | {len(rs)} | "
+                         + ", ".join(sorted({f"`{r['commit'][:8]}`" + ("+" if r["dirty"] else "") for r in rs})) + " |")
     lines += ["", "Held-out loss after each epoch (mean over seeds; fewer-epochs stops early):", "",
               "| variant | level | " + " | ".join(f"epoch {e}" for e in range(h["epochs"])) + " |",
               "|---|---|" + "---|" * h["epochs"]]
@@ -549,11 +552,23 @@ def report(args: argparse.Namespace, quiet: bool = False) -> None:
                 spread = np.std([r["heldout_loss"] for r in full])
                 verdicts.append(f"- At {lv:.0%} saved, {v} {'loses' if delta > 0 else 'gains'} {abs(delta):.4f} nats "
                                 f"against all data (all data's seed spread: ±{spread:.4f}).")
+    if full and all(len(r["per_epoch"]) > 1 for r in full):
+        # underfit or overfit: what the last all-data epoch still did to the held-out loss
+        last = np.mean([r["per_epoch"][-1]["heldout_loss"] - r["per_epoch"][-2]["heldout_loss"] for r in full])
+        verdicts.append(f"- All data's held-out loss {'fell' if last < 0 else 'rose'} by {abs(last):.4f} nats in its "
+                        f"last epoch: {'not an overfitting regime' if last < 0 else 'it overfits by the end'}.")
     skipped = [v for v, _ in VARIANTS if not groups.get((v, levels[0] if levels else 0.0)) and v != ALL]
     lines += ["", "## In words", "", "Computed from the tables above, whatever their sign:", "", *verdicts]
     if skipped:
         lines += ["", "Not run: " + ", ".join(f"`{v}`" for v in skipped) + " (for `" + ALPHA + "`: `TEDConfig` had no "
                   "`alpha` field at these commits; the grid runs it once it has)."]
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(args.results), "quality_lmft_recheck*.json"))):
+        with open(path) as f:  # cells re-run at another commit: are the commits' results comparable?
+            rc = json.load(f)
+        same = [c["cell"] for c in rc["cells"] if c["heldout_loss"] == c["recorded_heldout_loss"] and c["kept_equal"]]
+        lines += ["", f"Re-run at `{rc['commit']}` ({os.path.basename(path)}): {len(same)} of {len(rc['cells'])} cells "
+                  "reproduce their recorded kept counts and held-out loss exactly (" + ", ".join(
+                      f"`{c['cell']}` from `{c['recorded_commit']}`" for c in rc["cells"]) + ")."]
     commits = collections.Counter((r["commit"][:8], r["dirty"]) for r in done.values())
     cmds = sorted({r["command"] for r in done.values()})
     lines += ["", "## How it was made", "",
@@ -565,6 +580,8 @@ def report(args: argparse.Namespace, quiet: bool = False) -> None:
               f"{min(r['seconds'] for r in done.values()):.0f} to {max(r['seconds'] for r in done.values()):.0f}. "
               "Commits: " + ", ".join(f"`{c}`{' (uncommitted code changes)' if d else ''}: {k} runs"
                                      for (c, d), k in commits.items()) + ".", "",
+              "Each grid ran from a clean clone of its commit (the script imports its own checkout's ted_stream, not "
+              "the editable install's), with the stage-1 cache, the results and this report in the main checkout. "
               f"Every run is one line of `{os.path.relpath(args.results, ROOT)}` (config, per-epoch held-out loss, "
               "kept and trained counts, commit, date, command). Grid: "
               + ", ".join(f"`{c}`" for c in sorted({r.get("grid_command", "not recorded") for r in done.values()}))
