@@ -1,8 +1,8 @@
 """TEDProtocol: the per-step TED protocol, written once for every training loop.
 
-A loop over a ``TEDStreamingDataset`` (or a ``TEDWebDataset`` read through its ``TEDWebLoader``)
-does the same few things whatever trains the model (a plain PyTorch loop, DeepSpeed, the Hugging
-Face Trainer):
+A loop over a pruning dataset (any ``ted_stream.source.PruningSource``: MDS or tar shards), read
+through its ``loader_class``, does the same few things whatever trains the model (a plain
+PyTorch loop, DeepSpeed, the Hugging Face Trainer):
 
     protocol.start_epoch()                    # freeze the epoch's keep-mask (collective)
     for batch in loader:
@@ -32,25 +32,13 @@ from torch import Tensor, nn
 
 from . import dist
 from .config import scorer_settings
-from .loaders.streaming import TEDStreamingDataset
-from .loaders.wds import STATE_FORMAT as WDS_STATE, TEDWebDataset, next_epoch_state
 from .scorer import Scores, TaylorScorer
+from .source import PruningSource, require_source
 
 TABLE_FILE = "ted_table.tedt"  # the table as of a checkpoint, inside the checkpoint folder
 STATE_VERSION = 1
 
-Dataset = Union[TEDStreamingDataset, TEDWebDataset]
-
 log = logging.getLogger(__name__)
-
-
-def _upcoming_epoch(ds: Dataset) -> int:
-    return ds.upcoming_epoch() if isinstance(ds, TEDWebDataset) else ds.next_streaming_epoch()
-
-
-def _rank_samples(ds: Dataset, epoch: int) -> int:
-    """Samples each rank reads in the frozen ``epoch``."""
-    return len(ds.rank_ids(epoch)) if isinstance(ds, TEDWebDataset) else len(ds)
 
 
 def copy_shared(src: str, dst: str) -> None:
@@ -98,10 +86,11 @@ def reading_of(scores: Scores, reading: str) -> Tensor:
 
 
 class TEDProtocol:
-    """Owns the TED side of a training loop over one ``TEDStreamingDataset`` or ``TEDWebDataset``.
+    """Owns the TED side of a training loop over one ``PruningSource`` (MDS or tar shards).
 
     dataset: the pruning dataset; its ``batch_size`` is the per-rank micro-batch. Its loader (for
-        ``checkpoint``/``restore``): streaming's ``StreamingDataLoader``, or ``TEDWebLoader``.
+        ``checkpoint``/``restore``): its ``loader_class`` (streaming's ``StreamingDataLoader``, or
+        ``TEDWebLoader``).
     model: the module to score (under DeepSpeed the model before ``deepspeed.initialize`` or
         ``engine.module``); not needed for the ``loss`` reading.
     scorer: the ``"scorer"`` settings of a ``"ted"`` block (layers, rows, reading, ref_ema,
@@ -110,11 +99,10 @@ class TEDProtocol:
     flush_every: micro-steps between transfers of the buffered scores to the table.
     """
 
-    def __init__(self, dataset: Dataset, model: Optional[nn.Module] = None, *,
+    def __init__(self, dataset: PruningSource, model: Optional[nn.Module] = None, *,
                  scorer: Optional[Mapping[str, Any]] = None, epochs: Optional[int] = None,
                  flush_every: int = 16) -> None:
-        if not isinstance(dataset, (TEDStreamingDataset, TEDWebDataset)):
-            raise TypeError(f"dataset is a {type(dataset).__name__}: expected a TEDStreamingDataset or a TEDWebDataset")
+        require_source(dataset, "dataset")
         if not dataset.batch_size:
             raise ValueError(f"{type(dataset).__name__}(batch_size={dataset.batch_size!r}): expected the per-rank "
                              "batch size the loader uses (the epoch is partitioned by it)")
@@ -213,7 +201,7 @@ class TEDProtocol:
         pruned, num_samples and steps (micro-steps per rank)."""
         self.flush()
         ds = self.dataset
-        epoch = _upcoming_epoch(ds) if epoch is None else epoch
+        epoch = ds.upcoming_epoch() if epoch is None else epoch
         if epoch != self.epoch:
             if not self._closed:  # the run stopped (checkpoint) right at the end of the last one
                 self.end_epoch()
@@ -221,7 +209,7 @@ class TEDProtocol:
         mask = ds.start_epoch(epoch)
         dist.barrier()  # each node's leader saved the table: no rank's loader worker reads an older file
         self.epoch = epoch
-        self.steps = ceil(_rank_samples(ds, epoch) / ds.batch_size)
+        self.steps = ceil(ds.rank_samples(epoch) / ds.batch_size)
         return {"epoch": epoch, "kept": mask.kept, "pruned": ds.num_samples - mask.kept,
                 "num_samples": ds.num_samples, "steps": self.steps}
 
@@ -293,10 +281,7 @@ class TEDProtocol:
     def _loader_state(self, loader: Any, skip_finished_epoch: bool) -> dict[str, Any]:
         state = loader.state_dict()
         if skip_finished_epoch and self.epoch >= 0 and self.micro >= self.steps and state["epoch"] == self.epoch:
-            if state.get("format") == WDS_STATE:
-                return next_epoch_state(state, self.epoch + 1)
-            ted = dict(state["ted"], epoch=self.epoch + 1, mask_crc=None)
-            state = dict(state, epoch=self.epoch + 1, sample_in_epoch=0, ted=ted)
+            return self.dataset.next_epoch_state(state, self.epoch + 1)
         return state
 
     def load_state_dict(self, state: Mapping[str, Any], loader: Any = None) -> None:

@@ -208,7 +208,7 @@ def test_elastic_resume_with_pruning(data, tmp_path, before, after):
     other = make(TEDStreamingDataset, data, "proportion", table_dir=str(tmp_path / "t2"), **kw)
     other._parallel_rank_world = after
     other.load_state_dict(state)
-    assert other.next_streaming_epoch() == 1  # as a worker does: take the checkpoint's epoch and nodes
+    assert other.upcoming_epoch() == 1  # as a worker does: take the checkpoint's epoch and nodes
     rest = generate_work(method, other, after, 1, k)
     uninterrupted = generate_work(method, ds, before, 1, k)  # the N-rank job going on
     assert set(rest[rest >= 0].tolist()) == set(uninterrupted[uninterrupted >= 0].tolist())

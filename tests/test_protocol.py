@@ -54,7 +54,7 @@ class Run:
 
     def train(self, stop_after=None, on_step=None):
         """Train to the end (or return after ``stop_after`` micro-steps of the whole run)."""
-        for epoch in range(self.ds.next_streaming_epoch(), CFG.epochs):
+        for epoch in range(self.ds.upcoming_epoch(), CFG.epochs):
             self.ted.start_epoch(epoch)
             for batch in self.loader:
                 loss = self.ted.loss(per_sample_ce(self.model(features(batch["ted_id"])), batch["label"]), batch)
@@ -189,7 +189,7 @@ def test_checkpoint_resumes_exactly(data, tmp_path, stop, skip):
     # resume in the same table folder, which holds the finished run's later scores and masks
     run = Run(data, tmp_path / "ref", flush_every=4)
     run.load(ck)
-    assert run.ds.next_streaming_epoch() == (2 if skip else 1)
+    assert run.ds.upcoming_epoch() == (2 if skip else 1)
     run.train()
     assert run.ids == ids_ref[stop:]
     assert run.rows == [r for r in rows_ref if r["epoch"] >= run.rows[0]["epoch"]]

@@ -3,8 +3,8 @@
     trainer = TEDTrainer(model=model, args=args, train_dataset=ds, data_collator=collate)
     trainer.train()                                   # or train(resume_from_checkpoint=True)
 
-``TEDTrainer`` (or ``TEDTrainerMixin`` in front of another Trainer subclass) takes a
-``TEDStreamingDataset`` (MDS shards) or a ``TEDWebDataset`` (indexed WebDataset tar shards) as
+``TEDTrainer`` (or ``TEDTrainerMixin`` in front of another Trainer subclass) takes a pruning
+dataset (a ``ted_stream.source.PruningSource``: MDS shards or indexed WebDataset tar shards) as
 ``train_dataset`` and runs the TED protocol (``ted_stream.protocol``):
 
 * the loader is streaming's ``StreamingDataLoader`` (or, for tar shards, the exact path's
@@ -37,10 +37,10 @@ import torch
 from streaming import StreamingDataLoader
 from torch import Tensor
 
-from ..loaders.streaming import TEDStreamingDataset
-from ..loaders.wds import TEDWebDataset, TEDWebLoader
+from ..loaders.wds import TEDWebLoader
 from ..protocol import TEDProtocol, deepspeed_loss_scale
 from ..scorer import per_sample_ce, per_sample_lm_loss
+from ..source import PruningSource, require_source
 
 __all__ = ["TEDTrainer", "TEDTrainerMixin", "TEDCallback", "TEDLoader", "TEDWebTrainerLoader", "causal_lm_loss",
            "refuse_data_parallel",
@@ -99,9 +99,9 @@ class _TrainerEpochs:
 
 
 class TEDLoader(_TrainerEpochs, StreamingDataLoader):
-    """streaming's loader for a ``TEDStreamingDataset`` (see ``_TrainerEpochs``)."""
+    """streaming's loader for MDS shards (see ``_TrainerEpochs``)."""
 
-    def __init__(self, dataset: TEDStreamingDataset, protocol: TEDProtocol,
+    def __init__(self, dataset: PruningSource, protocol: TEDProtocol,
                  on_epoch: Callable[[dict[str, int]], None], **kwargs: Any) -> None:
         super().__init__(dataset, batch_size=dataset.batch_size, **kwargs)
         self._follow(protocol, on_epoch)
@@ -111,15 +111,19 @@ class TEDLoader(_TrainerEpochs, StreamingDataLoader):
 
 
 class TEDWebTrainerLoader(_TrainerEpochs, TEDWebLoader):
-    """The exact path's loader for a ``TEDWebDataset`` (see ``_TrainerEpochs``)."""
+    """The exact path's loader for tar shards (see ``_TrainerEpochs``)."""
 
-    def __init__(self, dataset: TEDWebDataset, protocol: TEDProtocol,
+    def __init__(self, dataset: PruningSource, protocol: TEDProtocol,
                  on_epoch: Callable[[dict[str, int]], None], **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
         self._follow(protocol, on_epoch)
 
     def _unpruned_samples(self) -> int:
         return ceil(self.dataset.num_samples / self.dataset.world_size)
+
+
+# The Trainer's loader for each dataset's loader_class.
+_TRAINER_LOADERS: dict[type, type[_TrainerEpochs]] = {StreamingDataLoader: TEDLoader, TEDWebLoader: TEDWebTrainerLoader}
 
 
 class TEDCallback(TrainerCallback):
@@ -168,18 +172,12 @@ class TEDTrainerMixin:
                  per_sample_loss: Callable[[Any, Tensor], Tensor] = causal_lm_loss,
                  ted_flush_every: int = 16, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        ds, targs = self.train_dataset, self.args
-        if not isinstance(ds, (TEDStreamingDataset, TEDWebDataset)):
-            raise TypeError(f"train_dataset is a {type(ds).__name__}: expected a TEDStreamingDataset or a "
-                            "TEDWebDataset")
+        ds, targs = require_source(self.train_dataset, "train_dataset"), self.args
         if ds.batch_size != targs.per_device_train_batch_size:
             raise ValueError(f"{type(ds).__name__}(batch_size={ds.batch_size}) but per_device_train_batch_size="
                              f"{targs.per_device_train_batch_size}: expected the same per-rank batch (the "
                              "dataset partitions each epoch by it)")
-        if isinstance(ds, TEDWebDataset) and (ds.rank, ds.world_size) != (targs.process_index, targs.world_size):
-            raise ValueError(f"TEDWebDataset(rank={ds.rank}, world_size={ds.world_size}) but the Trainer runs rank "
-                             f"{targs.process_index} of {targs.world_size}: expected the same (create the dataset "
-                             "after TrainingArguments, which sets up torch.distributed, or pass rank= and world_size=)")
+        ds.check_world(targs.process_index, targs.world_size)
         refuse_data_parallel(targs)
         if targs.max_steps > 0:
             raise ValueError(f"max_steps={targs.max_steps}: expected -1; TED training is counted in epochs "
@@ -206,7 +204,7 @@ class TEDTrainerMixin:
             targs = self.args
             workers = targs.dataloader_num_workers
             extra = {"prefetch_factor": targs.dataloader_prefetch_factor} if workers else {}
-            kind = TEDWebTrainerLoader if isinstance(self.train_dataset, TEDWebDataset) else TEDLoader
+            kind = _TRAINER_LOADERS[self.train_dataset.loader_class]
             self._ted_loader = kind(
                 self.train_dataset, self.ted, self._log_epoch_start,
                 collate_fn=_Collate(self._get_collator_with_removed_columns(self.data_collator, "training")),

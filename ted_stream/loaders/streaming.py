@@ -20,7 +20,7 @@ from typing import Any, Iterator, Mapping, Optional, Union
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from streaming import StreamingDataset
+from streaming import StreamingDataLoader, StreamingDataset
 from torch.utils.data import get_worker_info
 
 from .. import dist
@@ -33,6 +33,7 @@ from ..pruner import HasPruner, Pruner, as_config
 from ..schedule import pruned_fraction
 from ..table import FILENAME, ScoreTable
 from . import remote
+from .upstream import UpstreamDataset, epoch_start_state
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def _init_upstream(ds: StreamingDataset, kwargs: dict[str, Any]) -> None:
             time.sleep(random.SystemRandom().uniform(0.05, 0.5))  # jitter, without touching the global seed
 
 
-class TEDStreamingDataset(HasPruner, StreamingDataset):
+class TEDStreamingDataset(HasPruner, UpstreamDataset):
     """A ``StreamingDataset`` whose epochs skip the samples the TED policy prunes.
 
     Takes every ``StreamingDataset`` keyword argument, plus:
@@ -110,7 +111,7 @@ class TEDStreamingDataset(HasPruner, StreamingDataset):
         table_path = os.path.join(table_dir, FILENAME)
         self._pull_table(table_path, fingerprint, kwargs.get("download_timeout", 60.0))
         # The node's copy is written by the local leader as streaming counts nodes (LOCAL_WORLD_SIZE).
-        self.pruner = Pruner(table_path, fingerprint, ted, leader=self._unique_rank_world.rank_of_node == 0)
+        self.pruner = Pruner(table_path, fingerprint, ted, leader=self.node_leader)
         self._filter: Optional[EpochMask] = None  # static keep bits (epoch -1: every epoch)
         if sample_filter is not None:
             self._filter = EpochMask.from_bools(-1, self._resolve_filter(sample_filter, table_dir))
@@ -159,14 +160,11 @@ class TEDStreamingDataset(HasPruner, StreamingDataset):
             self.epoch_size = len(ids)  # what random batching partitions over
         return units, ids
 
-    def _resume_incr_epoch(self) -> tuple[int, int]:
-        # Runs at the start of every epoch in every worker, before streaming's barrier in
-        # _get_work lets any worker of this node yield: every worker resolves the epoch's mask
-        # before a single sample of it is consumed (a persistent worker reads it from disk).
-        epoch, sample_in_epoch = super()._resume_incr_epoch()
+    def epoch_begins(self, epoch: int) -> None:
+        # Every worker resolves the epoch's mask before a single sample of it is consumed (a
+        # persistent worker reads it from disk).
         self._iter_epoch = epoch
         self._iter_mask = self._mask_for(epoch)
-        return epoch, sample_in_epoch
 
     def get_item(self, sample_id: int, retry: int = 7) -> Any:
         sample = super().get_item(sample_id, retry)
@@ -213,7 +211,7 @@ class TEDStreamingDataset(HasPruner, StreamingDataset):
             remote.download_table(self._table_remote, path, fingerprint, timeout, uuid.uuid4().hex)
 
     def _push_table(self) -> None:
-        if self._table_remote is not None and self._unique_rank_world.rank == 0:
+        if self._table_remote is not None and self.global_rank == 0:
             remote.upload_table(self.table_path, self._table_remote)
 
     def _resolve_filter(self, spec: sample_filters.SampleFilter, table_dir: str) -> NDArray[np.bool_]:
@@ -228,7 +226,7 @@ class TEDStreamingDataset(HasPruner, StreamingDataset):
                 keep = sample_filters.evaluate(spec, self.num_samples, super().get_item)
         if dist.active():  # rank 0 evaluated it: every rank gets the same bits
             keep = unpack(dist.broadcast_bytes(None if keep is None else pack(keep)), self.num_samples)
-        if self._unique_rank_world.is_local_leader and not os.path.exists(path):
+        if self.local_leader and not os.path.exists(path):
             sample_filters.save_cached(path, keep)
         return keep
 
@@ -245,14 +243,14 @@ class TEDStreamingDataset(HasPruner, StreamingDataset):
         """Merge every rank's recorded scores into every rank's table (collective)."""
         self.pruner.sync()
 
-    def next_streaming_epoch(self) -> int:
+    def upcoming_epoch(self) -> int:
         """The epoch streaming iterates next: its epoch counter, or a loaded checkpoint's epoch."""
-        return self._resume(self._parallel_rank_world, self.next_epoch)[0]
+        return self.resumed_epoch(self.next_epoch)
 
     def start_epoch(self, epoch: int) -> EpochMask:
         """Freeze the keep-mask of ``epoch`` (collective under torch.distributed).
 
-        ``epoch`` must be the epoch streaming iterates next (``next_streaming_epoch()``).
+        ``epoch`` must be the epoch streaming iterates next (``upcoming_epoch()``).
         Rank 0 computes the mask from its table snapshot and broadcasts it, so every rank and
         node holds the bit-identical mask. An epoch already frozen (a resumed run) keeps its mask.
         The table, mask included, is persisted by each node's local leader.
@@ -260,7 +258,7 @@ class TEDStreamingDataset(HasPruner, StreamingDataset):
         if not isinstance(epoch, (int, np.integer)) or epoch < 0:
             raise ValueError(f"start_epoch: epoch={epoch!r} is invalid: expected an integer >= 0")
         epoch = int(epoch)
-        expected = self.next_streaming_epoch()
+        expected = self.upcoming_epoch()
         if epoch != expected:
             # A mask frozen for another epoch than the one iterated prunes the wrong samples
             # (and len() disagrees with what the loader yields).
@@ -303,7 +301,7 @@ class TEDStreamingDataset(HasPruner, StreamingDataset):
         # The epoch in progress (or just iterated) may have been frozen implicitly from the file
         # about to be overwritten: record its mask (all-keep where that froze nothing) so that it
         # survives. `before`: start_epoch's epoch, which it freezes itself.
-        epoch = self._resume(self._parallel_rank_world, self.next_epoch - 1)[0]
+        epoch = self.resumed_epoch(self.next_epoch - 1)
         if (epoch < 0 or (before is not None and epoch >= before) or epoch in self.table.masks
                 or pruned_fraction(self.ted, epoch) == 0):
             return
@@ -332,12 +330,29 @@ class TEDStreamingDataset(HasPruner, StreamingDataset):
     def __len__(self) -> int:
         """Samples per rank in the current epoch (the last frozen or resumed one); upstream's
         length while nothing is skipped."""
-        epoch = self._epoch if self._epoch is not None else self.next_epoch
+        return self.rank_samples(self._epoch if self._epoch is not None else self.next_epoch)
+
+    def rank_samples(self, epoch: int) -> int:
+        """Samples per rank in ``epoch``; upstream's length while it skips nothing."""
         if epoch not in self.table.masks and self._filter is None:
             return self.length
         if epoch not in self._kept_sizes:
             self._kept_sizes[epoch] = len(self.resample_streams(epoch)[1])
-        return ceil(self._kept_sizes[epoch] / self._parallel_rank_world.num_ranks)
+        return ceil(self._kept_sizes[epoch] / self.num_ranks)
+
+    @property
+    def loader_class(self) -> type:
+        """streaming's ``StreamingDataLoader``, which saves and restores the position in the epoch."""
+        return StreamingDataLoader
+
+    def next_epoch_state(self, state: dict[str, Any], epoch: int) -> dict[str, Any]:
+        """The loader's ``state`` moved to the start of ``epoch``, whose mask is not frozen yet: for
+        a checkpoint taken at the end of the epoch before, in loops that stop on an empty epoch."""
+        return dict(epoch_start_state(state, epoch), ted=dict(state["ted"], epoch=epoch, mask_crc=None))
+
+    def check_world(self, rank: int, world_size: int) -> None:
+        """Nothing to check: streaming detects its ranks from the launcher's environment, as the
+        trainer does, when the dataset is built."""
 
     def state_dict(self, num_samples: int, from_beginning: bool) -> dict[str, Any]:
         state = super().state_dict(num_samples, from_beginning)
@@ -370,7 +385,7 @@ class TEDStreamingDataset(HasPruner, StreamingDataset):
     def _granule(self) -> int:
         if self._run_granule is not None:
             return self._run_granule
-        return self._parallel_rank_world.num_ranks * (self.batch_size or 1)
+        return self.num_ranks * (self.batch_size or 1)
 
 
 _TED_KEYS = ("ted_id", "ted_weight")

@@ -184,6 +184,15 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
             self._order = {epoch: np.resize(order, per_rank * self.world_size)[self.rank::self.world_size]}
         return self._order[epoch]
 
+    def rank_samples(self, epoch: int) -> int:
+        """Samples this rank serves in ``epoch`` (frozen)."""
+        return len(self.rank_ids(epoch))
+
+    @property
+    def loader_class(self) -> type:
+        """``TEDWebLoader``, the exact path's loader, which saves and restores the position in the epoch."""
+        return TEDWebLoader
+
     @property
     def sampler(self) -> "EpochSampler":
         """The sampler of the exact path: ``DataLoader(ds, batch_size=..., sampler=ds.sampler)``."""
@@ -273,6 +282,18 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
                              "resume with the table saved alongside the checkpoint")
         self._resume = (epoch, int(state["samples_in_epoch"]))
         self._epoch = epoch
+
+    def next_epoch_state(self, state: dict[str, Any], epoch: int) -> dict[str, Any]:
+        """``state`` moved to the start of ``epoch``, whose mask is not frozen yet: for a checkpoint
+        taken at the end of the epoch before, in loops that stop on an empty epoch."""
+        return dict(state, epoch=epoch, samples_in_epoch=0, mask_crc=None)
+
+    def check_world(self, rank: int, world_size: int) -> None:
+        """ValueError unless the dataset deals its epochs to ``rank`` of ``world_size``."""
+        if (self.rank, self.world_size) != (rank, world_size):
+            raise ValueError(f"TEDWebDataset(rank={self.rank}, world_size={self.world_size}) but the Trainer runs "
+                             f"rank {rank} of {world_size}: expected the same (create the dataset after "
+                             "TrainingArguments, which sets up torch.distributed, or pass rank= and world_size=)")
 
     def _resume_offset(self, epoch: int) -> int:
         """Samples of ``epoch`` this rank consumed before a loaded checkpoint (0 without one)."""
@@ -444,8 +465,3 @@ class TEDWebLoader(torch.utils.data.DataLoader):
         self.dataset.load_state_dict(state)
         self._position = (None, 0)
 
-
-def next_epoch_state(state: dict[str, Any], epoch: int) -> dict[str, Any]:
-    """``state`` moved to the start of ``epoch``, whose mask is not frozen yet: for a checkpoint
-    taken at the end of the epoch before, in loops that stop on an empty epoch."""
-    return dict(state, epoch=epoch, samples_in_epoch=0, mask_crc=None)
