@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import socket
+import threading
 import sys
 import time
 from datetime import datetime, timezone
@@ -132,12 +133,57 @@ def _free_port() -> int:
 def single_process_env() -> None:
     """`python launch/train_llm.py`: a world of one."""
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", LOCAL_SIZE="1")
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", LOCAL_SIZE="1",
+                          TED_SINGLE_PROCESS="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     # The deepspeed launcher sets LOCAL_SIZE only; streaming counts nodes by LOCAL_WORLD_SIZE.
     if "LOCAL_WORLD_SIZE" not in os.environ:
         os.environ["LOCAL_WORLD_SIZE"] = os.environ.get("LOCAL_SIZE", os.environ.get("WORLD_SIZE", "1"))
+
+
+def die_with_launcher(poll: float = 1.0) -> list[int]:
+    """End this rank (SIGTERM) when its launcher dies: a SIGKILLed `deepspeed` launcher must not
+    leave ranks training into the same --out while a resumed job starts. Watches the parent (the
+    per-node launcher or torchrun) and, under `deepspeed`, the runner above it; returns the pids
+    watched (none for a process started by hand)."""
+    if "LOCAL_RANK" not in os.environ or os.environ.get("TED_SINGLE_PROCESS"):
+        return []
+    watched = [os.getppid()]
+    grand = _parent_of(watched[0])
+    if grand and "deepspeed" in _cmdline(grand):
+        watched.append(grand)
+
+    def watch() -> None:
+        while True:
+            for pid in watched:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    print(f"[train_llm] rank {os.environ.get('RANK')}: launcher process {pid} is gone; "
+                          "stopping", file=sys.stderr, flush=True)
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+            time.sleep(poll)
+
+    threading.Thread(target=watch, name="die-with-launcher", daemon=True).start()
+    return watched
+
+
+def _parent_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 class Ctx:
@@ -439,6 +485,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     single_process_env()
+    die_with_launcher()
     if os.environ.get("LOCAL_RANK", "0") == "0":  # before init_distributed: no rank of this job has any yet
         removed = clean_stale_shm()
         if removed:
@@ -579,9 +626,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         t_step = time.time()
         window_loss, window_count = 0.0, 0  # this optimizer step's loss sum (on the device) and samples
         for batch in loader:
-            ids = batch["input_ids"].to(engine.device)  # this rank's device, not always cuda:0
+            # this rank's device, not always cuda:0; the loader pins its batches on a GPU host, so the
+            # copies do not block the host
+            ids = batch["input_ids"].to(engine.device, non_blocking=True)
             # with the inputs: a host copy queued after the forward would wait for it on a GPU
-            weighted = {"ted_id": batch["ted_id"], "ted_weight": batch["ted_weight"].to(engine.device)}
+            weighted = {"ted_id": batch["ted_id"], "ted_weight": batch["ted_weight"].to(engine.device, non_blocking=True)}
             logits = engine(input_ids=ids).logits
             per_sample = per_sample_lm_loss(logits, ids)
             engine.backward(protocol.loss(per_sample, weighted))  # weighted by ted_weight

@@ -13,9 +13,9 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 import torch
 
-from . import dist
+from . import dist, joblock
 from .config import TEDConfig
-from .table import EpochMask, ScoreTable, copy_atomic
+from .table import EpochMask, ScoreTable, TableError, copy_atomic
 
 
 Selector = Callable[[ScoreTable, int], EpochMask]
@@ -66,8 +66,26 @@ class Pruner:
         self.ted = ted
         self.table_path = table_path
         self.leader = local_leader() if leader is None else leader
+        self._claim_folder()
         self.table = self._open(fingerprint)
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def _claim_folder(self) -> None:
+        """One job per table folder (``joblock``): global rank 0 claims it for the whole job and
+        every rank raises the same TableError if another job holds it (a collective)."""
+        folder = os.path.dirname(os.path.abspath(self.table_path))
+        if not dist.active():
+            joblock.claim(folder, self)
+            return
+        refusal = b""
+        if dist.rank() == 0:
+            try:
+                joblock.claim(folder, self)
+            except TableError as err:
+                refusal = str(err).encode()
+        refusal = bytes(dist.broadcast_bytes(np.frombuffer(refusal, np.uint8) if dist.rank() == 0 else None))
+        if refusal:
+            raise TableError(refusal.decode())
 
     def _open(self, fingerprint: dict[str, Any]) -> ScoreTable:
         """The table at ``table_path`` (a new one if there is none), bound to this run."""

@@ -145,7 +145,7 @@ def test_mixture_and_remote_table_homes(data, tmp_path, caplog):
     ds.record(np.arange(10), np.arange(10.0))
     ds.save_table()
     assert ScoreTable.load(str(remote / "ted" / "table.tedt")).scored.sum() == 10
-    assert os.listdir(tmp_path / "cache1" / "ted") == ["table.tedt"]  # no staging or download left
+    assert sorted(os.listdir(tmp_path / "cache1" / "ted")) == [".ted-job.lock", "table.tedt"]  # no staging or download left
     del ds
     gc.collect()
     again = TEDStreamingDataset(remote=str(remote), local=str(tmp_path / "cache2"), batch_size=BATCH, ted=CFG)

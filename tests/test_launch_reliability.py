@@ -111,3 +111,33 @@ def test_checkpoints_load_weights_only_with_deepspeed_classes_allowed(tmp_path):
     assert not marker.exists()
     _FakeEngine().load_checkpoint(str(tmp_path), "evil")  # the control: DeepSpeed's default runs it
     assert marker.exists()
+
+
+def test_ranks_stop_when_their_launcher_is_killed(tmp_path):
+    """SIGKILL of the launcher must not leave ranks training into the same --out."""
+    import signal
+    import time
+
+    rank = (f"import sys, time; sys.path.insert(0, {str(SCRIPT.parent)!r}); import train_llm; "
+            "print(train_llm.die_with_launcher(poll=0.05), flush=True); time.sleep(600)")
+    launcher = ("import os, subprocess, sys; "
+                f"p = subprocess.Popen([sys.executable, '-c', {rank!r}], stdout=sys.stdout, "
+                "env={**os.environ, 'LOCAL_RANK': '0', 'RANK': '0'}); print(p.pid, flush=True); p.wait()")
+    env = {k: v for k, v in os.environ.items() if k != "TED_SINGLE_PROCESS"}
+    top = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE, text=True, env=env)
+    child = int(top.stdout.readline())
+    assert top.stdout.readline().strip() == f"[{top.pid}]"  # the rank watches its launcher
+    top.kill()
+    top.wait()
+    for _ in range(1200):  # the rank notices within its poll; generous for a busy machine
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{child}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":  # exited, not yet reaped (by init)
+                break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the rank kept running after its launcher was killed")

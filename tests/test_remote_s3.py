@@ -78,7 +78,7 @@ def test_fresh_bucket_then_fresh_cache(s3, tmp_path, caplog):
     assert again.table.scored.sum() == 200
     assert sorted(epoch_ids(again, 0)) == list(range(200))  # warm-up: every sample
     assert epoch_ids(again, 1) == kept1  # the mask frozen by the first job, not a new one
-    assert os.listdir(tmp_path / "cache2" / "ted") == ["table.tedt"]  # no download or staging left
+    assert sorted(os.listdir(tmp_path / "cache2" / "ted")) == [".ted-job.lock", "table.tedt"]  # no download or staging left
     del again
     gc.collect()
 
