@@ -2,7 +2,7 @@
 50% of sample-iterations saved against all data, same seed, runs interleaved (all, 30%, 50%, all,
 ...), so a busy machine slows every variant alike.
 
-    .venv/bin/python launch/bench_e2e.py --repeats 2 --out docs/bench_e2e.json
+    .venv/bin/python launch/bench_e2e.py --repeats 2 --out docs/results/bench_e2e.json
 
 The launcher's schedule prunes from epoch 1 of 4, so a target T saves about 0.75 T: targets 0.4
 and 0.667 give about 30% and 50%. The figure of merit is the wall-time saving divided by the
@@ -50,7 +50,7 @@ def run_once(target: str, out: str, data_root: str, port: int, extra: list[str])
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--out", default=os.path.join("docs", "bench_e2e.json"))
+    p.add_argument("--out", default=os.path.join("docs", "results", "bench_e2e.json"))
     p.add_argument("--port", type=int, default=29_650)
     args, extra = p.parse_known_args()  # anything else goes to train_llm.py
     meta = {**provenance(), "repeats": args.repeats, "train_llm_extra_args": extra}

@@ -3,14 +3,14 @@
     .venv/bin/python launch/bench_llm.py                    # scratch model: seed 0 for all policies, then 1
     .venv/bin/python launch/bench_llm.py --harness smollm2  # fine-tuning the pretrained SmolLM2-135M
     .venv/bin/python launch/bench_llm.py --seeds 0          # one seed
-    .venv/bin/python launch/bench_llm.py --report-only      # rewrite docs/quality_llm.md from finished runs
+    .venv/bin/python launch/bench_llm.py --report-only      # rewrite docs/results/quality_llm.md from finished runs
 
 One `deepspeed --num_gpus 2 launch/train_llm.py ...` command per run, the same harness for every
 policy of a grid; checkpoints off. Two harnesses: `scratch` (train_llm.py's default 0.9M-parameter
 Llama trained from scratch on the news corpus, 4 epochs) and `smollm2` (the pretrained
 SmolLM2-135M fine-tuned on news for 3 epochs). Resumable: a run whose folder already holds a
 metrics.jsonl with a `summary` row is skipped. After every run its metrics.jsonl is copied to
-docs/runs/llm_bench/<run>.jsonl and docs/quality_llm.md is rewritten.
+docs/results/runs/llm_bench/<run>.jsonl and docs/results/quality_llm.md is rewritten.
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = os.path.join("runs", "llm_bench")
-DOC_RUNS = os.path.join("docs", "runs", "llm_bench")
-DOC = os.path.join("docs", "quality_llm.md")
+DOC_RUNS = os.path.join("docs", "results", "runs", "llm_bench")
+DOC = os.path.join("docs", "results", "quality_llm.md")
 
 # name -> --ted overrides (after the harness's own)
 POLICIES = [
@@ -218,7 +218,7 @@ def write_doc(notes: str = "") -> None:
     if notes:
         lines += [notes, ""]
     lines += ["Per-run files (run/epoch/summary rows of each metrics.jsonl; the step rows stay in runs/): "
-              "`docs/runs/llm_bench/<prefix><policy>_s<seed>.jsonl`.", ""]
+              "`docs/results/runs/llm_bench/<prefix><policy>_s<seed>.jsonl`.", ""]
     with open(DOC, "w") as f:
         f.write("\n".join(lines))
 

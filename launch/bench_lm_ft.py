@@ -18,7 +18,7 @@ fewer-epochs baseline's cosine spans its own shorter budget.
 
     .venv/bin/python launch/bench_lm_ft.py                  # the grid; skips cells already in the results
     .venv/bin/python launch/bench_lm_ft.py --commit         # ... and commits results + report after each cell
-    .venv/bin/python launch/bench_lm_ft.py --report-only    # rewrite docs/quality_lmft.md from the results
+    .venv/bin/python launch/bench_lm_ft.py --report-only    # rewrite docs/results/quality_lmft.md from the results
     .venv/bin/python launch/bench_lm_ft.py --run --variant "ted default" --level 0.3 --seed 0   # one run -> JSON
 
 The script imports the ted_stream of its own checkout, so a grid tied to a commit runs from a
@@ -53,7 +53,7 @@ sys.path[:0] = [HERE, ROOT]
 from provenance import git_state, machine
 
 RESULTS = os.path.join(ROOT, "docs", "results", "quality_lmft_results.jsonl")
-DOC = os.path.join(ROOT, "docs", "quality_lmft.md")
+DOC = os.path.join(ROOT, "docs", "results", "quality_lmft.md")
 
 ALL, FEWER, RANDOM, DEFAULT = "all data", "fewer epochs (same compute)", "random (same loss scale)", "ted default"
 ALPHA = "ted (alpha 0.5)"

@@ -144,7 +144,7 @@ def main() -> None:
                    choices=["loader", "skip", "fixed", "cold"])
     p.add_argument("--fixed-fraction", type=float, default=0.99, help="pruned fraction of the fixed phase")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="docs/bench_loader.json")
+    p.add_argument("--out", default="docs/results/bench_loader.json")
     args = p.parse_args()
     prov = provenance()
     t_start = time.perf_counter()

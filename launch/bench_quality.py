@@ -1,8 +1,8 @@
 """Quality benchmark: a grid of policy x saved fraction x seed, side by side in one harness.
 
 Runs launch/train_classifier.py for each cell not yet in the results file (so a killed grid
-resumes where it stopped), then writes docs/quality.md (mean +- std and measured saved fraction
-per cell) and docs/quality.png (accuracy against saved fraction per policy).
+resumes where it stopped), then writes docs/results/quality_<name>.md (mean +- std and measured saved
+fraction per cell) and docs/results/quality_<name>.png (accuracy against saved fraction per policy).
 
     .venv/bin/python launch/bench_quality.py --task fashion --limit 20000 --epochs 8 --seeds 0 1 --levels 0.3 0.5
     .venv/bin/python launch/bench_quality.py --task rotten --epochs 6 --seeds 0 1 2 --levels 0.3 0.5
@@ -238,7 +238,7 @@ def main() -> None:
     p.add_argument("--report-only", action="store_true")
     # Other options (e.g. --ramp 1) go to every train_classifier.py run and into its recorded command.
     args, args.passthrough = p.parse_known_args()
-    stem = os.path.join(ROOT, "docs", f"quality_{args.name or args.task}")
+    stem = os.path.join(ROOT, "docs", "results", f"quality_{args.name or args.task}")
     args.results, args.table, args.plot = f"{stem}_results.jsonl", f"{stem}.md", f"{stem}.png"
     if not args.report_only:
         run_grid(args)

@@ -1,7 +1,7 @@
 """Benchmark: ScoreTable memory per sample, the time to freeze a keep-mask (wall and CPU, median
 of repeats, on one thread), and the cost of merging one epoch's scores from every rank.
 
-    .venv/bin/python launch/bench_table.py --sizes 10000000 100000000 --out docs/bench_table.json
+    .venv/bin/python launch/bench_table.py --sizes 10000000 100000000 --out docs/results/bench_table.json
 """
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--merge-size", type=int, default=10_000_000, help="samples scored in the merged epoch")
     p.add_argument("--merge-world", type=int, default=2)
-    p.add_argument("--out", default="docs/bench_table.json")
+    p.add_argument("--out", default="docs/results/bench_table.json")
     args = p.parse_args()
     meta = {**provenance(), "seed": 0, "threads": os.environ["OMP_NUM_THREADS"], "repeats": args.repeats}
     torch.set_num_threads(1)

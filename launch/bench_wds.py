@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 
 from ted_stream import TEDConfig
 from ted_stream.loaders.wds import TEDWebDataset
-from ted_stream.wds_index import index_shards
+from ted_stream.loaders.wds_index import index_shards
 
 from provenance import provenance
 

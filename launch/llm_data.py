@@ -15,7 +15,7 @@ copy ends with byte-identical shards (and hence the same dataset fingerprint):
 
 Both formats hold the same samples in the same order (so the same sample ids): the MDS folder
 through ``ted_stream.prepare.write_mds`` (``input_ids`` a JSON column, ``doc`` int64), the wds
-folder through ``ted_stream.wds_index.prepare_shards`` (one ``<n>.json`` member per window, plus
+folder through ``ted_stream.loaders.wds_index.prepare_shards`` (one ``<n>.json`` member per window, plus
 the ``wds-index.json`` manifest). Either way an empty score table sits in ``ted/``; the held-out
 windows are a plain ``eval.npy`` (int32 [n, seq_len]). ``meta.json`` is written last and marks a
 complete preparation; the folder is built under a temporary name and renamed into place.
@@ -172,7 +172,7 @@ def write_train(train: np.ndarray, owner: np.ndarray, out: str, fmt: str) -> Non
     """The training windows as shards of ``fmt`` in ``out`` (absent), with an empty table in ``out/ted``."""
     samples = ({"input_ids": row.tolist(), "doc": int(doc)} for row, doc in zip(train, owner))
     if check_format(fmt) == "wds":
-        from ted_stream.wds_index import prepare_shards
+        from ted_stream.loaders.wds_index import prepare_shards
 
         prepare_shards(samples, out, shard_bytes=SHARD_BYTES)
     else:

@@ -1,6 +1,6 @@
 """Re-run recorded cells of a quality grid at this checkout and compare them with the record.
 
-A quality results file (docs/quality_<name>_results.jsonl, written by bench_quality.py) names the
+A quality results file (docs/results/quality_<name>_results.jsonl, written by bench_quality.py) names the
 commit each cell ran at. This re-runs the named cells with the recorded arguments and reports
 whether accuracy, saved fraction and every epoch's kept count and accuracy are equal, and the
 largest gap in held-out loss, so a grid can be tied to a later commit without re-running it all.
@@ -25,13 +25,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--name", required=True, help="grid name: docs/quality_<name>_results.jsonl")
+    p.add_argument("--name", required=True, help="grid name: docs/results/quality_<name>_results.jsonl")
     p.add_argument("--cells", nargs="+", required=True, help="cell names as recorded ('variant|level|seed')")
     p.add_argument("--data-dir", default="runs/data", help="where the task's shards are (re)built")
     p.add_argument("--out", default=None, help="also write the report (JSON) here")
     args = p.parse_args()
     made = provenance()
-    with open(os.path.join(HERE, "..", "docs", f"quality_{args.name}_results.jsonl")) as f:
+    with open(os.path.join(HERE, "..", "docs", "results", f"quality_{args.name}_results.jsonl")) as f:
         recorded = {row["cell"]: row for row in map(json.loads, f)}
     missing = [c for c in args.cells if c not in recorded]
     if missing:

@@ -8,7 +8,7 @@ mix, the passage length in words (text tasks) and the share of exact duplicates.
     .venv/bin/python launch/what_is_pruned.py --task rotten --epochs 6
     .venv/bin/python launch/what_is_pruned.py --task fashion --limit 20000 --epochs 8
 
-Writes docs/what_is_pruned_<task>.json and prints a markdown table.
+Writes docs/results/what_is_pruned_<task>.json and prints a markdown table.
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def main() -> None:
         rows[f"score decile {d + 1}"] = describe(part, wrong, labels, words, duplicate, classes)
     out = {"task": args.task, "command": " ".join(sys.argv), "result": {k: result[k] for k in ("test_acc", "saved", "config", "seed")},
            "epoch": epoch, "rows": rows, **git_state()}
-    path = os.path.join(ROOT, "docs", f"what_is_pruned_{args.task}.json")
+    path = os.path.join(ROOT, "docs", "results", f"what_is_pruned_{args.task}.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
     print(f"| {args.task}: samples | n | final model wrong | duplicates | words | largest class share |")

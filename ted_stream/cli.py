@@ -40,7 +40,7 @@ def inspect(folder: str, table_dir: Optional[str] = None) -> dict[str, Any]:
 def _digest(folder: str) -> Optional[str]:
     """Fingerprint digest of the dataset in ``folder``: its WebDataset manifest's, else its
     ``index.json``'s; None without either, or when the shards no longer match their manifest."""
-    from .wds_index import MANIFEST, ManifestError, WdsIndex  # imported here: MDS folders never need it
+    from .loaders.wds_index import MANIFEST, ManifestError, WdsIndex  # imported here: MDS folders never need it
     try:
         if os.path.exists(os.path.join(folder, MANIFEST)):
             return WdsIndex.open(folder).fingerprint["digest"]
@@ -66,11 +66,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "index":
-            from .wds_index import index_command  # imported here: the MDS commands never need it
+            from .loaders.wds_index import index_command  # imported here: the MDS commands never need it
             print(index_command(args.shards))
             return 0
         if args.command == "prepare" and args.format == "wds":
-            from .wds_index import prepare_shards
+            from .loaders.wds_index import prepare_shards
             n = prepare_shards(read_corpus(args.corpus), args.out, args.shard_size)
             print(f"wrote {n} samples to {args.out} as indexed tar shards (table in {os.path.join(args.out, 'ted')})")
             return 0

@@ -27,7 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, Trainin
 from ted_stream import TEDConfig, TEDStreamingDataset, TEDWebDataset  # noqa: E402
 from ted_stream.integrations.hf import STATE_FILE, TEDTrainer, TEDWebTrainerLoader  # noqa: E402
 from ted_stream.prepare import write_mds  # noqa: E402
-from ted_stream.wds_index import MANIFEST, prepare_shards  # noqa: E402
+from ted_stream.loaders.wds_index import MANIFEST, prepare_shards  # noqa: E402
 from ted_stream.protocol import TABLE_FILE  # noqa: E402
 from ted_stream.scorer import per_sample_lm_loss  # noqa: E402
 from ted_stream.table import ScoreTable  # noqa: E402

@@ -308,7 +308,7 @@ def test_wds_corpus_holds_the_mds_windows(tmp_path, shared_data):
     from streaming import StreamingDataset
 
     import llm_data
-    from ted_stream.wds_index import WdsIndex
+    from ted_stream.loaders.wds_index import WdsIndex
 
     index = WdsIndex.open(str(prepare_tiny(tmp_path, "wds")))
     mds = StreamingDataset(local=str(next(Path(shared_data).iterdir())), batch_size=1)

@@ -15,10 +15,11 @@ from torch.utils.data import DataLoader
 
 from conftest import free_port
 from ted_stream import TEDConfig, TableError
-from ted_stream import cli, wds_index
+from ted_stream import cli
+from ted_stream.loaders import wds_index
 from ted_stream.loaders.wds import CorruptSampleWarning, TEDWebDataset, TEDWebLoader
 from ted_stream.policy import select
-from ted_stream.wds_index import CorruptSample, ManifestError, WdsIndex, index_shards
+from ted_stream.loaders.wds_index import CorruptSample, ManifestError, WdsIndex, index_shards
 
 SHARDS, PER_SHARD, BATCH = 6, 40, 4
 N = SHARDS * PER_SHARD

@@ -35,7 +35,7 @@ from ..config import TEDConfig
 from ..policy import select
 from ..pruner import HasPruner, Pruner, as_config
 from ..table import FILENAME, EpochMask
-from ..wds_index import CorruptSample, ManifestError, Shards, WdsIndex
+from .wds_index import CorruptSample, ManifestError, Shards, WdsIndex
 
 STATE_FORMAT = "ted_stream/wds-state"
 _SUBSTITUTES = 16  # kept samples tried in place of a corrupt one before giving up

@@ -29,7 +29,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from .table import current_umask
+from ..table import current_umask
 
 MANIFEST = "wds-index.json"
 FORMAT = "ted_stream/wds-index"
@@ -392,7 +392,7 @@ def write_shards(samples: Iterable[dict[str, Any]], out: str, shard_bytes: int =
 def prepare_shards(samples: Iterable[dict[str, Any]], out: str, shard_bytes: int = 1 << 28) -> int:
     """``write_shards`` plus an empty score table in ``out/ted`` (what ``ted-stream prepare
     --format wds`` does). Returns the sample count."""
-    from .table import FILENAME, ScoreTable
+    from ..table import FILENAME, ScoreTable
 
     count = write_shards(samples, out, shard_bytes)
     ScoreTable(count, WdsIndex.open(out).fingerprint).save(os.path.join(out, "ted", FILENAME))
