@@ -29,6 +29,7 @@ import io
 import json
 import os
 import shutil
+import uuid
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -203,13 +204,16 @@ def open_train(data_dir: str, fmt: str, *, batch_size: int, seed: int, ted: Any,
 
 def train_loader(ds: Any, collate: Callable[[list], Any]) -> Any:
     """The loader whose position checkpoints store: streaming's, or the exact path's ``TEDWebLoader``."""
-    from ted_stream.loaders.wds import TEDWebDataset, TEDWebLoader
-
-    if isinstance(ds, TEDWebDataset):
-        return TEDWebLoader(ds, collate_fn=collate)
+    import torch
     from streaming import StreamingDataLoader
 
-    return StreamingDataLoader(ds, batch_size=ds.batch_size, collate_fn=collate)
+    from ted_stream.loaders.wds import TEDWebDataset, TEDWebLoader
+
+    # pinned host batches: the copy to the GPU can run asynchronously (.to(device, non_blocking=True))
+    pin = torch.cuda.is_available()
+    if isinstance(ds, TEDWebDataset):
+        return TEDWebLoader(ds, collate_fn=collate, pin_memory=pin)
+    return StreamingDataLoader(ds, batch_size=ds.batch_size, collate_fn=collate, pin_memory=pin)
 
 
 def prepare(data_dir: str, *, seq_len: int, vocab_size: int = 2048, model: Optional[str] = None,
@@ -221,7 +225,7 @@ def prepare(data_dir: str, *, seq_len: int, vocab_size: int = 2048, model: Optio
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             return json.load(f)
-    tmp = f"{data_dir}.tmp-{os.getpid()}"
+    tmp = f"{data_dir}.tmp-{uuid.uuid4().hex}"  # pids repeat across containers on a shared folder
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     docs = read_news()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import types
+import uuid
 import zlib
 from typing import Any, Callable, Union
 
@@ -106,7 +107,9 @@ def save_cached(path: str, keep: np.ndarray) -> None:
     """Write atomically (temporary file, rename): readers see the old file or the whole new one."""
     bits = pack(keep).tobytes()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"  # open(), not mkstemp: the file mode follows the umask
+    # uuid, not pid: pids repeat across containers sharing the folder; open(), not mkstemp: the
+    # file mode follows the umask
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
     with open(tmp, "wb") as f:
         f.write(bits + zlib.crc32(bits).to_bytes(4, "little"))
     os.replace(tmp, path)
