@@ -5,7 +5,8 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 from .fingerprint import index_fingerprint
 from .prepare import read_corpus, write_mds
@@ -56,7 +57,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("corpus", help="a .jsonl file (one JSON object per line) or a text file (one sample per line)")
     p.add_argument("out", help="empty output folder")
     p.add_argument("--shard-size", type=int, default=1 << 26, help="shard size limit in bytes")
-    p.add_argument("--format", choices=("mds", "wds"), default="mds", help="zstd MDS shards, or indexed WebDataset tar shards")
+    p.add_argument("--format", choices=("mds", "wds"), default="mds",
+                   help="zstd MDS shards, or indexed WebDataset tar shards")
     x = sub.add_parser("index", help="index WebDataset tar shards in place (writes wds-index.json beside them)")
     x.add_argument("shards", nargs="+", help="tar paths, brace patterns (data-{000000..000009}.tar) or their folder")
     i = sub.add_parser("inspect", help="summarise a dataset's score table")
@@ -87,9 +89,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         print(f"{info['table']}: {info['num_samples']} samples, {info['scored']} scored, "
               f"fingerprint {'matches' if info['fingerprint_matches'] else 'DOES NOT match'}")
-        for e, m in info["epochs"].items():
+        for epoch, m in info["epochs"].items():
             asked = "" if m["requested"] is None else f" (schedule asked for {m['requested']})"
-            print(f"  epoch {e}: kept {m['kept']}, pruned {m['pruned']}{asked}, config {m['config']}")
+            print(f"  epoch {epoch}: kept {m['kept']}, pruned {m['pruned']}{asked}, config {m['config']}")
         for digest, config in info["configs"].items():
             print(f"  config {digest}: {json.dumps(config, sort_keys=True)}")
     return 0

@@ -8,8 +8,9 @@ import dataclasses
 import json
 import numbers
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Optional, Union
 
 POLICIES = ("ted", "random", "random-dynamic", "infobatch")
 RAMPS = ("cubic", "linear")
@@ -130,7 +131,7 @@ class TEDConfig:
             raise bad("seed", "an integer >= 0")
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "TEDConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> TEDConfig:
         """Build from a plain mapping (e.g. the ``"ted"`` block of a DeepSpeed config)."""
         if not isinstance(values, Mapping):
             raise ValueError(f"TED config {values!r} is invalid: expected a mapping of field names to values")

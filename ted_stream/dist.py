@@ -72,8 +72,8 @@ def all_gather_records(ids: np.ndarray, values: np.ndarray, num_samples: int) ->
     dist.all_gather(gathered, torch.from_numpy(mine).to(dev))
     out = []
     for count, g in zip(counts, gathered):
-        g = g.cpu().numpy()
+        buf = g.cpu().numpy()
         cut = count * np.dtype(id_type).itemsize
-        out.append((g[:cut].view(id_type).astype(np.int64),
-                    g[cut: cut + 4 * count].view(np.float32).copy()))
+        out.append((buf[:cut].view(id_type).astype(np.int64),
+                    buf[cut: cut + 4 * count].view(np.float32).copy()))
     return out

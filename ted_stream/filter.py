@@ -12,7 +12,8 @@ import os
 import types
 import uuid
 import zlib
-from typing import Any, Callable, Union
+from collections.abc import Callable
+from typing import Any, Union
 
 import numpy as np
 from tqdm import tqdm

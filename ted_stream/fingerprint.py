@@ -4,7 +4,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 def index_fingerprint(index_dirs: Sequence[str]) -> dict[str, Any]:

@@ -45,12 +45,12 @@ class EpochMask:
     @classmethod
     def from_bools(cls, epoch: int, keep: NDArray[np.bool_], boost: Optional[NDArray[np.bool_]] = None,
                    boost_weight: float = 1.0, requested: Optional[int] = None,
-                   base_weight: float = 1.0) -> "EpochMask":
+                   base_weight: float = 1.0) -> EpochMask:
         return cls(epoch, pack(keep), None if boost is None else pack(boost), float(boost_weight),
                    len(keep), requested, float(base_weight))
 
     @classmethod
-    def everything(cls, epoch: int, num_samples: int, requested: Optional[int] = None) -> "EpochMask":
+    def everything(cls, epoch: int, num_samples: int, requested: Optional[int] = None) -> EpochMask:
         """Every sample kept at weight 1."""
         return cls.from_bools(epoch, np.ones(num_samples, dtype=bool), requested=requested)
 
@@ -98,13 +98,13 @@ class EpochMask:
         return (None if self.boost is None else self.boost.tobytes(), float(np.float32(self.boost_weight)),
                 float(np.float32(self.base_weight)))
 
-    def restrict(self, ids: NDArray[np.integer]) -> "EpochMask":
+    def restrict(self, ids: NDArray[np.integer]) -> EpochMask:
         """This mask on ``ids`` only, renumbered 0..len(ids)-1 (what a policy sees of a subset)."""
         boost = self.boost_bools()
         return EpochMask.from_bools(self.epoch, self.bools()[ids], None if boost is None else boost[ids],
                                     self.boost_weight, self.requested, self.base_weight)
 
-    def expand(self, ids: NDArray[np.integer], num_samples: int) -> "EpochMask":
+    def expand(self, ids: NDArray[np.integer], num_samples: int) -> EpochMask:
         """The inverse of ``restrict``: this mask of a subset placed at ``ids`` among
         ``num_samples`` samples; samples outside ``ids`` are dropped."""
         keep = np.zeros(num_samples, dtype=bool)
@@ -122,7 +122,7 @@ class EpochMask:
         return np.concatenate([self.keep, boost, np.frombuffer(tail, np.uint8)])
 
     @classmethod
-    def from_bytes(cls, epoch: int, data: NDArray[np.uint8], num_samples: int) -> "EpochMask":
+    def from_bytes(cls, epoch: int, data: NDArray[np.uint8], num_samples: int) -> EpochMask:
         nbits = (num_samples + 7) // 8
         if len(data) not in (nbits + _TAIL.size, 2 * nbits + _TAIL.size):
             raise ValueError(f"a mask record of {len(data)} bytes does not fit {num_samples} samples: "

@@ -12,8 +12,8 @@ from typing import Optional
 import numpy as np
 
 from .config import TEDConfig
-from .schedule import pruned_fraction
 from .mask import EpochMask
+from .schedule import pruned_fraction
 from .table import ScoreTable, bf16_order_key
 
 

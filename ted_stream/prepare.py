@@ -5,7 +5,8 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from streaming import MDSWriter
 from tqdm import tqdm

@@ -23,8 +23,9 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Mapping
 from math import ceil
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as tdist
@@ -149,7 +150,8 @@ class TEDProtocol:
         wide = torch.promote_types(per_sample_loss.dtype, torch.float32)
         weights = torch.as_tensor(weights).to(per_sample_loss.device, wide)
         if weights.shape != per_sample_loss.shape:
-            raise ValueError(f"ted_weight has shape {tuple(weights.shape)} but the loss {tuple(per_sample_loss.shape)}: "
+            raise ValueError(f"ted_weight has shape {tuple(weights.shape)} but the loss "
+                             f"{tuple(per_sample_loss.shape)}: "
                              "expected one weight per sample")
         self._batch = (torch.as_tensor(ids), weights, per_sample_loss.detach())
         self.micro += 1
@@ -250,9 +252,9 @@ class TEDProtocol:
     # ---- checkpoints ---------------------------------------------------------------------------
     def checkpoint(self, folder: str, loader: Any = None, *, skip_finished_epoch: bool = False) -> dict[str, Any]:
         """Merge every rank's scores, persist the table and copy it into ``folder`` (each node's
-        table writer writes: ``folder`` may be node-local); a collective. Returns the protocol's state, with the loader's when given:
-        store it with the checkpoint and pass it to ``restore``. See ``state_dict`` for
-        ``skip_finished_epoch``."""
+        table writer writes: ``folder`` may be node-local); a collective. Returns the protocol's
+        state, with the loader's when given: store it with the checkpoint and pass it to
+        ``restore``. See ``state_dict`` for ``skip_finished_epoch``."""
         self.flush()
         self.dataset.save_table()
         if self.dataset.pruner.leader:
@@ -291,6 +293,7 @@ class TEDProtocol:
         self.trained, self.epoch_trained = state["trained"], state["epoch_trained"]
         self._closed, self.history = state["closed"], list(state["history"])
         if self.scorer is not None and state["reference"] is not None:
+            assert self.model is not None  # a scorer exists only with a model
             device = next(self.model.parameters()).device
             self.scorer.reference = state["reference"].to(device)
         if loader is not None:

@@ -8,7 +8,8 @@ filter, say). Both loaders hold one: ``TEDWebDataset`` and ``TEDStreamingDataset
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -16,7 +17,6 @@ import torch
 from . import dist, joblock
 from .config import TEDConfig
 from .table import EpochMask, ScoreTable, TableError, copy_atomic
-
 
 Selector = Callable[[ScoreTable, int], EpochMask]
 """``fn(table, epoch)``: the policy's keep-mask of ``epoch`` from ``table``'s scores."""
@@ -42,7 +42,7 @@ def local_leader() -> bool:
 class HasPruner:
     """The table views of a loader whose scores and masks live in ``self.pruner``."""
 
-    pruner: "Pruner"
+    pruner: Pruner
 
     @property
     def table(self) -> ScoreTable:
@@ -148,6 +148,7 @@ class Pruner:
             mask = choose(self.table, epoch)
         if dist.active():
             mask = self._broadcast(epoch, mask)
+        assert mask is not None  # rank 0 chose it, every other rank received it
         self.table.masks[epoch] = mask
         self.save()
         return mask
@@ -176,7 +177,7 @@ class Pruner:
         return self.table.masks.get(epoch)
 
     def _broadcast(self, epoch: int, mask: Optional[EpochMask]) -> EpochMask:
-        data = dist.broadcast_bytes(mask.to_bytes() if dist.rank() == 0 else None)
+        data = dist.broadcast_bytes(mask.to_bytes() if dist.rank() == 0 and mask is not None else None)
         return EpochMask.from_bytes(epoch, data, self.num_samples)
 
 

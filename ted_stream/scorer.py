@@ -15,8 +15,9 @@ from __future__ import annotations
 import fnmatch
 import weakref
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence, Union
+from typing import Literal, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -102,7 +103,7 @@ class _Inputs:
     lives as long as a backward hook may still use it."""
 
     def __init__(self) -> None:
-        self._by_id: "weakref.WeakValueDictionary[int, _Input]" = weakref.WeakValueDictionary()
+        self._by_id: weakref.WeakValueDictionary[int, _Input] = weakref.WeakValueDictionary()
 
     def share(self, x: Tensor) -> _Input:
         held = self._by_id.get(id(x))
@@ -160,7 +161,7 @@ class _Layer:
             self.grad_w, self.grad_b = grad_w, grad_b
         else:  # the module ran more than once in this forward (shared weights)
             self.grad_w = self.grad_w + grad_w
-            if grad_b is not None:
+            if grad_b is not None and self.grad_b is not None:  # the same module: a bias in every call or none
                 self.grad_b = self.grad_b + grad_b
         self.calls += 1
         return None  # a tensor hook that returns a value would replace the gradient
@@ -289,7 +290,7 @@ class TaylorScorer:
             layer.grad_w = layer.grad_b = None
             layer.calls = 0
 
-    def __enter__(self) -> "TaylorScorer":
+    def __enter__(self) -> TaylorScorer:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -26,7 +26,8 @@ import struct
 import tempfile
 import uuid
 import zlib
-from typing import Any, Iterator, Mapping, Optional
+from collections.abc import Iterator, Mapping
+from typing import Any, Optional
 
 import numpy as np
 
@@ -202,7 +203,7 @@ class ScoreTable:
             "num_samples": self.num_samples, "fingerprint": self.fingerprint, "ema": self.ema,
             "epoch": self.epoch,
             "masks": [_mask_entry(m, stamps[m.epoch]) for m in self._sorted_masks()],
-            "configs": {d: self.configs[d] for d in sorted(set(stamps.values()) - {None})},
+            "configs": {d: self.configs[d] for d in sorted({s for s in stamps.values() if s is not None})},
             "payload_crc": payload_crc, "payload_bytes": payload_bytes,
         }
 
@@ -247,7 +248,7 @@ class ScoreTable:
                 os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would lock out a shared group
                 _write_all(fd, MAGIC + sized + struct.pack("<I", header_crc) + header)
                 for p in parts:
-                    _write_all(fd, memoryview(np.ascontiguousarray(p)).cast("B"))
+                    _write_all(fd, np.ascontiguousarray(p).data.cast("B"))
                 os.fsync(fd)
                 os.close(fd)
                 fd = -1
@@ -266,7 +267,7 @@ class ScoreTable:
         return path
 
     @classmethod
-    def load(cls, path: str, fingerprint: Optional[dict[str, Any]] = None) -> "ScoreTable":
+    def load(cls, path: str, fingerprint: Optional[dict[str, Any]] = None) -> ScoreTable:
         """Map the table at ``path`` (copy-on-write: the file changes only on ``save``).
 
         Raises TableError naming the file and the problem if it is not a version-2 table, is
@@ -385,10 +386,10 @@ def _parse_header(path: str, raw: bytes) -> dict[str, Any]:
         where = f"masks[{i}]."
         if not isinstance(m, dict):
             raise bad(f"masks[{i}] is not an object")
-        e = need(m, "epoch", "int", where)
-        if e in seen:
-            raise bad(f"epoch {e} has two masks")
-        seen.add(e)
+        epoch = need(m, "epoch", "int", where)
+        if epoch in seen:
+            raise bad(f"epoch {epoch} has two masks")
+        seen.add(epoch)
         payload += nbits * (2 if need(m, "boost", "bool", where) else 1)
         if need(m, "boost_weight", "number", where) <= 0:
             raise bad(f"{where}'boost_weight' = {m['boost_weight']} is not > 0")
@@ -479,7 +480,7 @@ def _fsync_dir(folder: str) -> None:
 def _crc(a: np.ndarray, crc: int) -> int:
     flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
     for start in range(0, len(flat), _CRC_CHUNK):
-        crc = zlib.crc32(memoryview(flat[start:start + _CRC_CHUNK]), crc)
+        crc = zlib.crc32(flat[start:start + _CRC_CHUNK].data, crc)
     return crc
 
 

@@ -22,8 +22,9 @@ dataset (a ``ted_stream.source.PruningSource``: MDS shards or indexed WebDataset
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from math import ceil
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 try:
     import transformers
@@ -113,7 +114,7 @@ class TEDLoader(_TrainerEpochs, StreamingDataLoader):
 class TEDWebTrainerLoader(_TrainerEpochs, TEDWebLoader):
     """The exact path's loader for tar shards (see ``_TrainerEpochs``)."""
 
-    def __init__(self, dataset: PruningSource, protocol: TEDProtocol,
+    def __init__(self, dataset: Any, protocol: TEDProtocol,
                  on_epoch: Callable[[dict[str, int]], None], **kwargs: Any) -> None:
         super().__init__(dataset, **kwargs)
         self._follow(protocol, on_epoch)
@@ -123,14 +124,15 @@ class TEDWebTrainerLoader(_TrainerEpochs, TEDWebLoader):
 
 
 # The Trainer's loader for each dataset's loader_class.
-_TRAINER_LOADERS: dict[type, type[_TrainerEpochs]] = {StreamingDataLoader: TEDLoader, TEDWebLoader: TEDWebTrainerLoader}
+_TRAINER_LOADERS: dict[type, Callable[..., _TrainerEpochs]] = {
+    StreamingDataLoader: TEDLoader, TEDWebLoader: TEDWebTrainerLoader}
 
 
 class TEDCallback(TrainerCallback):
     """The Trainer events of the protocol: epoch accounting and logs, checkpoints, stopping
     after the configured epochs, and ``state.epoch`` in the loader's epochs."""
 
-    def __init__(self, trainer: "TEDTrainerMixin") -> None:
+    def __init__(self, trainer: TEDTrainerMixin) -> None:
         self.trainer = trainer
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -142,7 +144,7 @@ class TEDCallback(TrainerCallback):
         ted.end_epoch()
         self.trainer._log_ted_rows()
         # A resumed Trainer may plan more epochs than are left (see TEDLoader.set_epoch).
-        if ted.epoch + 1 >= ted.epochs:
+        if ted.epochs is not None and ted.epoch + 1 >= ted.epochs:
             control.should_training_stop = True
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -158,7 +160,13 @@ class TEDCallback(TrainerCallback):
             torch.save(saved, os.path.join(folder, STATE_FILE))
 
 
-class TEDTrainerMixin:
+if TYPE_CHECKING:  # the mixin's Trainer attributes, for the type checker
+    _TrainerBase = Trainer
+else:
+    _TrainerBase = object
+
+
+class TEDTrainerMixin(_TrainerBase):
     """Put in front of ``Trainer`` (or a subclass of it): ``class T(TEDTrainerMixin, SFTTrainer)``.
 
     Extra keyword arguments:
@@ -197,16 +205,16 @@ class TEDTrainerMixin:
         self.add_callback(TEDCallback(self))
 
     # ---- data ----------------------------------------------------------------------------------
-    def get_train_dataloader(self) -> _TrainerEpochs:
+    def get_train_dataloader(self) -> Any:  # a _TrainerEpochs
         """The dataset's own loader (``TEDLoader`` or ``TEDWebTrainerLoader``), not passed through
         accelerate (which would re-shard it by rank)."""
         if self._ted_loader is None:
             targs = self.args
             workers = targs.dataloader_num_workers
             extra = {"prefetch_factor": targs.dataloader_prefetch_factor} if workers else {}
-            kind = _TRAINER_LOADERS[self.train_dataset.loader_class]
+            kind = _TRAINER_LOADERS[self.ted.dataset.loader_class]
             self._ted_loader = kind(
-                self.train_dataset, self.ted, self._log_epoch_start,
+                self.ted.dataset, self.ted, self._log_epoch_start,
                 collate_fn=_Collate(self._get_collator_with_removed_columns(self.data_collator, "training")),
                 num_workers=workers, pin_memory=targs.dataloader_pin_memory,
                 persistent_workers=targs.dataloader_persistent_workers and workers > 0, **extra)
@@ -238,7 +246,7 @@ class TEDTrainerMixin:
         loss = self.ted.loss(self.per_sample_loss(outputs, labels), batch)
         return (loss, outputs) if return_outputs else loss
 
-    def _prepare_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         if "ted_weight" not in inputs:
             return super()._prepare_inputs(inputs)
         # Under DeepSpeed the Trainer casts float inputs to the engine's dtype: bf16 would round
@@ -271,7 +279,7 @@ class TEDTrainerMixin:
             follow_epochs(scheduler, self.ted.progress, num_training_steps)
         return scheduler
 
-    def train(self, resume_from_checkpoint: Any = None, **kwargs: Any) -> Any:
+    def train(self, resume_from_checkpoint: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]  # trial, ... by keyword
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:

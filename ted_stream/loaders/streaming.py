@@ -14,8 +14,9 @@ import random
 import time
 import uuid
 import warnings
+from collections.abc import Iterator, Mapping
 from math import ceil
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -168,7 +169,10 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
 
     def get_item(self, sample_id: int, retry: int = 7) -> Any:
         sample = super().get_item(sample_id, retry)
-        mask = self._iter_mask if self._iter_epoch is not None else self.table.masks.get(self._epoch)
+        if self._iter_epoch is not None:
+            mask = self._iter_mask
+        else:
+            mask = None if self._epoch is None else self.table.masks.get(self._epoch)
         sample["ted_id"] = int(sample_id)
         sample["ted_weight"] = 1.0 if mask is None or not mask.reweights else mask.weight_of(sample_id)
         if get_worker_info() is not None:  # in a DataLoader worker: see _WorkerSample
@@ -226,6 +230,7 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
                 keep = sample_filters.evaluate(spec, self.num_samples, super().get_item)
         if dist.active():  # rank 0 evaluated it: every rank gets the same bits
             keep = unpack(dist.broadcast_bytes(None if keep is None else pack(keep)), self.num_samples)
+        assert keep is not None  # rank 0 evaluated or loaded it, and every other rank received it
         if self.local_leader and not os.path.exists(path):
             sample_filters.save_cached(path, keep)
         return keep
@@ -406,7 +411,7 @@ class _WorkerSample(dict):
 
     __slots__ = ()
 
-    def __copy__(self) -> "_WorkerSample":
+    def __copy__(self) -> _WorkerSample:
         return _WorkerSample(self)
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:

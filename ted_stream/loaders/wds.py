@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch.distributed
@@ -82,12 +83,10 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
         self.pruner = Pruner(os.path.join(table_dir or os.path.join(self.index.folder, "ted"), FILENAME),
                              self.index.fingerprint, self.ted)
         n = self.index.num_samples
-        if groups is not None:
-            groups = np.asarray(groups)
-            if groups.shape != (n,) or not np.issubdtype(groups.dtype, np.integer):
-                raise ValueError(f"groups has shape {groups.shape} and dtype {groups.dtype}: expected ({n},) "
-                                 "integers, one group per sample")
-        self.groups = groups
+        self.groups = None if groups is None else np.asarray(groups)
+        if self.groups is not None and (self.groups.shape != (n,) or not np.issubdtype(self.groups.dtype, np.integer)):
+            raise ValueError(f"groups has shape {self.groups.shape} and dtype {self.groups.dtype}: expected ({n},) "
+                             "integers, one group per sample")
         self.decode, self.batch_size, self.shuffle, self.seed = decode, batch_size, shuffle, seed
         self._epoch: Optional[int] = None  # the epoch last frozen (or resumed)
         self._resume: Optional[tuple[int, int]] = None  # (epoch, samples this rank already consumed)
@@ -194,7 +193,7 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
         return TEDWebLoader
 
     @property
-    def sampler(self) -> "EpochSampler":
+    def sampler(self) -> EpochSampler:
         """The sampler of the exact path: ``DataLoader(ds, batch_size=..., sampler=ds.sampler)``."""
         return EpochSampler(self)
 
@@ -215,11 +214,11 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
         try:
             sample = self._load(sample_id)
         except CorruptSample as error:
-            if mask is None:
+            if mask is None or epoch is None:
                 raise
             sample_id, sample = self._substitute(error, epoch)
         sample["ted_id"] = sample_id
-        sample["ted_weight"] = self._weight(epoch, sample_id) if mask is not None else 1.0
+        sample["ted_weight"] = mask.weight_of(sample_id) if mask is not None else 1.0
         return sample
 
     def _load(self, sample_id: int) -> dict[str, Any]:
@@ -325,7 +324,8 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch, 1]).permutation(shards)
         kept = self._kept_per_shard(epoch)
-        load, dealt = np.zeros(slots, np.int64), [[] for _ in range(slots)]
+        load = np.zeros(slots, np.int64)
+        dealt: list[list[int]] = [[] for _ in range(slots)]
         for position in np.argsort(-kept[order], kind="stable"):
             slot = int(np.argmin(load))
             dealt[slot].append(position)
@@ -433,6 +433,8 @@ class TEDWebLoader(torch.utils.data.DataLoader):
     ``load_state_dict(state)``. Takes ``DataLoader``'s other keyword arguments (``collate_fn``,
     ``num_workers``, ...)."""
 
+    dataset: TEDWebDataset
+
     def __init__(self, dataset: TEDWebDataset, **kwargs: Any) -> None:
         if not isinstance(dataset, TEDWebDataset):
             raise TypeError(f"dataset is a {type(dataset).__name__}: expected a TEDWebDataset")
@@ -443,7 +445,7 @@ class TEDWebLoader(torch.utils.data.DataLoader):
         super().__init__(dataset, batch_size=dataset.batch_size, sampler=dataset.sampler, **kwargs)
         self._position: tuple[Optional[int], int] = (None, 0)  # (epoch, samples this rank took from it)
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # a generator over DataLoader's iterator
         ds = self.dataset
         epoch = ds._current_epoch()
         done, total = ds._resume_offset(epoch), len(ds.rank_ids(epoch))

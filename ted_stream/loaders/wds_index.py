@@ -25,7 +25,8 @@ import re
 import shutil
 import tarfile
 import tempfile
-from typing import Any, Iterable, Optional, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -219,11 +220,11 @@ class WdsIndex:
                            sort_keys=True, separators=(",", ":")).encode()
         # Same shape as fingerprint.index_fingerprint, plus each shard's content digest: a shard
         # rewritten with the same sample count is another dataset.
-        self.fingerprint = {"digest": hashlib.sha256(canon).hexdigest(), "num_streams": 1,
+        self.fingerprint: dict[str, Any] = {"digest": hashlib.sha256(canon).hexdigest(), "num_streams": 1,
                             "num_shards": len(self.shards), "num_samples": self.num_samples}
 
     @classmethod
-    def open(cls, shards: Shards, rehash: bool = False) -> "WdsIndex":
+    def open(cls, shards: Shards, rehash: bool = False) -> WdsIndex:
         """Load the manifest beside ``shards`` and check the shards against it.
 
         A shard in ``shards`` but not in the manifest (added), in the manifest but missing or not
