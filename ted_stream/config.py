@@ -2,6 +2,7 @@
 
 Imports nothing heavy, so a launcher can check a whole config before it loads torch.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,10 @@ SCORER_DEFAULTS: dict[str, Any] = {"layers": ["*"], "rows": 16, "reading": "d", 
 # The JSON type each annotation accepts. bool is an int subclass, so it is refused explicitly:
 # "rescale": "false" or "target": true must not pass as a truthy string or the number 1.
 _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
-    "float": ((numbers.Real,), "a number"), "int": ((numbers.Integral,), "an integer"),
-    "bool": ((bool,), "true or false"), "str": ((str,), "a string"),
+    "float": ((numbers.Real,), "a number"),
+    "int": ((numbers.Integral,), "an integer"),
+    "bool": ((bool,), "true or false"),
+    "str": ((str,), "a string"),
 }
 
 
@@ -137,8 +140,10 @@ class TEDConfig:
             raise ValueError(f"TED config {values!r} is invalid: expected a mapping of field names to values")
         odd = [k for k in values if not isinstance(k, str)]
         if odd:
-            raise ValueError(f"TED config key(s) {odd} are not strings; expected field names, some of "
-                             f"{sorted(f.name for f in fields(cls))}")
+            raise ValueError(
+                f"TED config key(s) {odd} are not strings; expected field names, some of "
+                f"{sorted(f.name for f in fields(cls))}"
+            )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -208,7 +213,7 @@ def read_block(block: Any) -> tuple[TEDConfig, dict[str, Any]]:
     if block is None:
         block = {}
     if not isinstance(block, Mapping):
-        raise ValueError(f"the \"ted\" block must be a JSON object, got {type(block).__name__}")
+        raise ValueError(f'the "ted" block must be a JSON object, got {type(block).__name__}')
     block = dict(block)
     scorer = scorer_settings(block.pop("scorer", None))
     return TEDConfig.from_dict(block), scorer
@@ -229,14 +234,15 @@ def apply_overrides(block: dict[str, Any], items: Iterable[str]) -> dict[str, An
         except ValueError:
             parsed = value  # a bare string
         if key.startswith("scorer."):
-            block.setdefault("scorer", {})[key[len("scorer."):]] = parsed
+            block.setdefault("scorer", {})[key[len("scorer.") :]] = parsed
         else:
             block[key] = parsed
     return block
 
 
-def split_config(config: Union[str, os.PathLike, Mapping[str, Any]], epochs: Optional[int] = None
-                 ) -> tuple[dict[str, Any], TEDConfig, dict[str, Any]]:
+def split_config(
+    config: Union[str, os.PathLike, Mapping[str, Any]], epochs: Optional[int] = None
+) -> tuple[dict[str, Any], TEDConfig, dict[str, Any]]:
     """(the config without its ``"ted"`` block, TEDConfig, scorer settings) from a DeepSpeed JSON
     config file or an already loaded dict, validated before anything heavy is imported.
 
@@ -261,8 +267,10 @@ def split_config(config: Union[str, os.PathLike, Mapping[str, Any]], epochs: Opt
     block = dict(block or {})
     if epochs is not None:
         if block.get("epochs") is not None and block["epochs"] != epochs:
-            raise ValueError(f'{where}"ted.epochs" = {block["epochs"]!r} but the run trains {epochs} epochs; '
-                             "drop one of them or make them agree")
+            raise ValueError(
+                f'{where}"ted.epochs" = {block["epochs"]!r} but the run trains {epochs} epochs; '
+                "drop one of them or make them agree"
+            )
         block["epochs"] = epochs
     try:
         ted, scorer = read_block(block)

@@ -1,4 +1,5 @@
 """The few collectives ted_stream needs, over torch.distributed when it is initialised."""
+
 from __future__ import annotations
 
 import os
@@ -65,8 +66,9 @@ def all_gather_records(ids: np.ndarray, values: np.ndarray, num_samples: int) ->
     longest = max(counts) * record_bytes(num_samples)
     # One byte buffer per rank: its ids, then its scores; shorter ranks padded to the longest.
     mine = np.zeros(longest, np.uint8)
-    raw = np.concatenate([np.ascontiguousarray(ids, id_type).view(np.uint8),
-                          np.ascontiguousarray(values, np.float32).view(np.uint8)])
+    raw = np.concatenate(
+        [np.ascontiguousarray(ids, id_type).view(np.uint8), np.ascontiguousarray(values, np.float32).view(np.uint8)]
+    )
     mine[: len(raw)] = raw
     gathered = [torch.empty(longest, dtype=torch.uint8, device=dev) for _ in range(world)]
     dist.all_gather(gathered, torch.from_numpy(mine).to(dev))
@@ -74,6 +76,5 @@ def all_gather_records(ids: np.ndarray, values: np.ndarray, num_samples: int) ->
     for count, g in zip(counts, gathered):
         buf = g.cpu().numpy()
         cut = count * np.dtype(id_type).itemsize
-        out.append((buf[:cut].view(id_type).astype(np.int64),
-                    buf[cut: cut + 4 * count].view(np.float32).copy()))
+        out.append((buf[:cut].view(id_type).astype(np.int64), buf[cut : cut + 4 * count].view(np.float32).copy()))
     return out

@@ -5,6 +5,7 @@ table, in a file named after the dataset fingerprint and the predicate's identit
 constants, defaults, captured values and the globals it reads), so a changed predicate or dataset
 never reuses a stale result.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,11 +28,14 @@ def keep_from_ids(ids: Any, num_samples: int) -> np.ndarray:
     """bool[num_samples] that is True at each of ``ids`` (global sample ids)."""
     ids = np.asarray(ids)
     if ids.ndim != 1 or (len(ids) and not np.issubdtype(ids.dtype, np.integer)):
-        raise ValueError(f"sample_filter keep-list has shape {ids.shape} and dtype {ids.dtype}: "
-                         "expected a 1-D array of integer sample ids")
+        raise ValueError(
+            f"sample_filter keep-list has shape {ids.shape} and dtype {ids.dtype}: "
+            "expected a 1-D array of integer sample ids"
+        )
     if len(ids) and (ids.min() < 0 or ids.max() >= num_samples):
-        raise ValueError(f"sample_filter keep-list holds ids in [{ids.min()}, {ids.max()}]: "
-                         f"expected ids in [0, {num_samples})")
+        raise ValueError(
+            f"sample_filter keep-list holds ids in [{ids.min()}, {ids.max()}]: expected ids in [0, {num_samples})"
+        )
     keep = np.zeros(num_samples, bool)
     keep[ids] = True
     return keep
@@ -42,8 +46,9 @@ def predicate_identity(fn: Callable[..., Any]) -> str:
     process and run; editing its code, constants, defaults, captured values or the values of the
     globals it reads (helper functions included) changes it."""
     if getattr(fn, "__code__", None) is None:
-        raise ValueError(f"sample_filter={fn!r} has no __code__: expected a function or a lambda "
-                         "(wrap a callable object in one)")
+        raise ValueError(
+            f"sample_filter={fn!r} has no __code__: expected a function or a lambda (wrap a callable object in one)"
+        )
     h = hashlib.sha256()
     _hash_function(h, fn, set())
     return h.hexdigest()
@@ -77,8 +82,9 @@ def _hash_code(h: Any, code: types.CodeType) -> set[str]:
     return names
 
 
-def evaluate(fn: Callable[[dict[str, Any]], Any], num_samples: int,
-             read: Callable[[int], dict[str, Any]]) -> np.ndarray:
+def evaluate(
+    fn: Callable[[dict[str, Any]], Any], num_samples: int, read: Callable[[int], dict[str, Any]]
+) -> np.ndarray:
     """bool[num_samples]: ``fn`` applied to every sample, with a progress bar."""
     keep = np.zeros(num_samples, bool)
     for i in tqdm(range(num_samples), desc="sample_filter", unit="sample"):

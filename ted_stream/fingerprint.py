@@ -1,4 +1,5 @@
 """Dataset fingerprint: which streams, which shards, how many samples each."""
+
 from __future__ import annotations
 
 import hashlib
@@ -22,8 +23,9 @@ def index_fingerprint(index_dirs: Sequence[str]) -> dict[str, Any]:
                 index = json.load(f)
         except FileNotFoundError:
             raise FileNotFoundError(f"no index.json in {folder}: expected a streaming dataset folder") from None
-        shards = [[s.get("raw_data", {}).get("basename", str(i)), int(s["samples"])]
-                  for i, s in enumerate(index["shards"])]
+        shards = [
+            [s.get("raw_data", {}).get("basename", str(i)), int(s["samples"])] for i, s in enumerate(index["shards"])
+        ]
         streams.append({"shards": shards})
     canon = json.dumps(streams, sort_keys=True, separators=(",", ":")).encode()
     return {

@@ -5,6 +5,7 @@ The kernel drops the lock when the holder dies, kill -9 included, so a crash nev
 stale lock. flock serialises processes on one host; on network file systems that do not honour
 it, two hosts are not kept apart (docs/reliability.md).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -60,10 +61,15 @@ def _acquire(path: str, folder: str) -> int:
                 raise TableError(
                     f"{folder} is in use by another job (host {holder.get('host')}, pid {holder.get('pid')}, "
                     f"since {holder.get('since')}: {holder.get('command')}); one job per table folder: "
-                    "wait for it to end or stop it, or give this run another table_dir / --out") from None
+                    "wait for it to end or stop it, or give this run another table_dir / --out"
+                ) from None
             time.sleep(0.2)
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-          "command": " ".join(sys.argv)[:300]}
+    me = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join(sys.argv)[:300],
+    }
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(me).encode(), 0)
     return fd

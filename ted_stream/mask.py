@@ -5,6 +5,7 @@ samples with the boost bit weigh ``boost_weight``, the other kept samples ``base
 are packed little-endian (sample i is bit i % 8 of byte i // 8), one bit per sample per epoch,
 the same bytes in the table file and on the network.
 """
+
 from __future__ import annotations
 
 import functools
@@ -43,11 +44,24 @@ class EpochMask:
     base_weight: float = 1.0  # weight of the kept samples without a boost bit
 
     @classmethod
-    def from_bools(cls, epoch: int, keep: NDArray[np.bool_], boost: Optional[NDArray[np.bool_]] = None,
-                   boost_weight: float = 1.0, requested: Optional[int] = None,
-                   base_weight: float = 1.0) -> EpochMask:
-        return cls(epoch, pack(keep), None if boost is None else pack(boost), float(boost_weight),
-                   len(keep), requested, float(base_weight))
+    def from_bools(
+        cls,
+        epoch: int,
+        keep: NDArray[np.bool_],
+        boost: Optional[NDArray[np.bool_]] = None,
+        boost_weight: float = 1.0,
+        requested: Optional[int] = None,
+        base_weight: float = 1.0,
+    ) -> EpochMask:
+        return cls(
+            epoch,
+            pack(keep),
+            None if boost is None else pack(boost),
+            float(boost_weight),
+            len(keep),
+            requested,
+            float(base_weight),
+        )
 
     @classmethod
     def everything(cls, epoch: int, num_samples: int, requested: Optional[int] = None) -> EpochMask:
@@ -95,14 +109,23 @@ class EpochMask:
 
     @functools.cached_property
     def _scalar_view(self) -> tuple[Optional[bytes], float, float]:
-        return (None if self.boost is None else self.boost.tobytes(), float(np.float32(self.boost_weight)),
-                float(np.float32(self.base_weight)))
+        return (
+            None if self.boost is None else self.boost.tobytes(),
+            float(np.float32(self.boost_weight)),
+            float(np.float32(self.base_weight)),
+        )
 
     def restrict(self, ids: NDArray[np.integer]) -> EpochMask:
         """This mask on ``ids`` only, renumbered 0..len(ids)-1 (what a policy sees of a subset)."""
         boost = self.boost_bools()
-        return EpochMask.from_bools(self.epoch, self.bools()[ids], None if boost is None else boost[ids],
-                                    self.boost_weight, self.requested, self.base_weight)
+        return EpochMask.from_bools(
+            self.epoch,
+            self.bools()[ids],
+            None if boost is None else boost[ids],
+            self.boost_weight,
+            self.requested,
+            self.base_weight,
+        )
 
     def expand(self, ids: NDArray[np.integer], num_samples: int) -> EpochMask:
         """The inverse of ``restrict``: this mask of a subset placed at ``ids`` among
@@ -125,12 +148,21 @@ class EpochMask:
     def from_bytes(cls, epoch: int, data: NDArray[np.uint8], num_samples: int) -> EpochMask:
         nbits = (num_samples + 7) // 8
         if len(data) not in (nbits + _TAIL.size, 2 * nbits + _TAIL.size):
-            raise ValueError(f"a mask record of {len(data)} bytes does not fit {num_samples} samples: "
-                             f"expected {nbits + _TAIL.size} or {2 * nbits + _TAIL.size}")
-        weight, base, requested = _TAIL.unpack(bytes(data[-_TAIL.size:]))
-        boost = data[nbits:-_TAIL.size]
-        return cls(epoch, np.array(data[:nbits]), np.array(boost) if len(boost) else None, weight,
-                   num_samples, None if requested < 0 else requested, base)
+            raise ValueError(
+                f"a mask record of {len(data)} bytes does not fit {num_samples} samples: "
+                f"expected {nbits + _TAIL.size} or {2 * nbits + _TAIL.size}"
+            )
+        weight, base, requested = _TAIL.unpack(bytes(data[-_TAIL.size :]))
+        boost = data[nbits : -_TAIL.size]
+        return cls(
+            epoch,
+            np.array(data[:nbits]),
+            np.array(boost) if len(boost) else None,
+            weight,
+            num_samples,
+            None if requested < 0 else requested,
+            base,
+        )
 
 
 def _bits_at(bits: NDArray[np.uint8], ids: NDArray[np.integer]) -> NDArray[np.bool_]:

@@ -3,6 +3,7 @@
 Every choice is a pure function of (table snapshot, epoch, config): the random draws are seeded
 with (seed, epoch), and ties between equal scores are broken by the same draws.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,9 @@ class PruningWarning(UserWarning):
     """An epoch prunes less than its schedule asks, or its scores cannot choose what it prunes."""
 
 
-def select(cfg: TEDConfig, table: ScoreTable, epoch: int, granule: int = 1,
-           groups: Optional[np.ndarray] = None) -> EpochMask:
+def select(
+    cfg: TEDConfig, table: ScoreTable, epoch: int, granule: int = 1, groups: Optional[np.ndarray] = None
+) -> EpochMask:
     """Keep-mask for ``epoch``; the kept count is rounded up to a multiple of ``granule``
     (ranks x per-rank batch) where possible, so every rank gets the same number of full batches.
 
@@ -57,20 +59,34 @@ def select(cfg: TEDConfig, table: ScoreTable, epoch: int, granule: int = 1,
     return _ted(cfg, table, epoch, rng, round(fraction * n), granule, groups)
 
 
-def _ted(cfg: TEDConfig, table: ScoreTable, epoch: int, rng: np.random.Generator, k: int, granule: int,
-         groups: Optional[np.ndarray]) -> EpochMask:
+def _ted(
+    cfg: TEDConfig,
+    table: ScoreTable,
+    epoch: int,
+    rng: np.random.Generator,
+    k: int,
+    granule: int,
+    groups: Optional[np.ndarray],
+) -> EpochMask:
     n = table.num_samples
     candidates = table.scored  # never prune a sample that was never scored
     count = _count(candidates)
     if k > count:
-        warnings.warn(f"epoch {epoch}: the schedule prunes {k} of {n} samples but only {count} "
-                      f"have a score, so only those can be pruned; record a score for every sample "
-                      f"(ids from batch['ted_id']) before start_epoch", PruningWarning, stacklevel=3)
+        warnings.warn(
+            f"epoch {epoch}: the schedule prunes {k} of {n} samples but only {count} "
+            f"have a score, so only those can be pruned; record a score for every sample "
+            f"(ids from batch['ted_id']) before start_epoch",
+            PruningWarning,
+            stacklevel=3,
+        )
     k = _rounded(k, n, count, granule)
     key = bf16_order_key(table.scores)
     if k and (k >= count or _all_equal(key, candidates)):
-        why = ("every scored sample is pruned, whatever its score" if k >= count
-               else "every score is equal, so the pruned ones are a random draw")
+        why = (
+            "every scored sample is pruned, whatever its score"
+            if k >= count
+            else "every score is equal, so the pruned ones are a random draw"
+        )
         warnings.warn(f"epoch {epoch}: the scores cannot choose what is pruned: {why}", PruningWarning, stacklevel=3)
     drop = np.zeros(n, dtype=bool)
     previous = _latest_mask_before(table, epoch)
@@ -159,8 +175,9 @@ def _shares(total: int, counts: np.ndarray) -> np.ndarray:
     return shares
 
 
-def _drop_and_boost(epoch: int, drop: np.ndarray, group: np.ndarray, max_weight: float,
-                    base_weight: float = 1.0) -> EpochMask:
+def _drop_and_boost(
+    epoch: int, drop: np.ndarray, group: np.ndarray, max_weight: float, base_weight: float = 1.0
+) -> EpochMask:
     """Drop ``drop``; the kept rest of ``group`` carries the group's mass, weighted
     |group| / |kept| up to ``max_weight``; the other kept samples weigh ``base_weight``."""
     dropped = bool(drop.any())
@@ -174,12 +191,24 @@ def _drop_and_boost(epoch: int, drop: np.ndarray, group: np.ndarray, max_weight:
     return EpochMask.from_bools(epoch, keep, survivors, min(max_weight, size / kept), base_weight=base_weight)
 
 
-def select_within(cfg: TEDConfig, table: ScoreTable, epoch: int, ids: np.ndarray, granule: int = 1,
-                  groups: Optional[np.ndarray] = None) -> EpochMask:
+def select_within(
+    cfg: TEDConfig,
+    table: ScoreTable,
+    epoch: int,
+    ids: np.ndarray,
+    granule: int = 1,
+    groups: Optional[np.ndarray] = None,
+) -> EpochMask:
     """``select`` over the samples ``ids`` only (a static filter's survivors): the policy sees a
     table of those samples, renumbered, and the mask drops every sample outside them."""
-    sub = ScoreTable(len(ids), table.fingerprint, table.ema, table.scores[ids], table.updated[ids],
-                     {e: m.restrict(ids) for e, m in table.masks.items() if e < epoch})
+    sub = ScoreTable(
+        len(ids),
+        table.fingerprint,
+        table.ema,
+        table.scores[ids],
+        table.updated[ids],
+        {e: m.restrict(ids) for e, m in table.masks.items() if e < epoch},
+    )
     sub.epoch = table.epoch
     part = select(cfg, sub, epoch, granule, None if groups is None else groups[ids])
     return part.expand(ids, table.num_samples)
@@ -204,7 +233,7 @@ def _lowest(key: np.ndarray, members: np.ndarray, m: int, rng: np.random.Generat
     everyone = bool(members.all())  # the common case: no masked gather before counting
     hist = np.zeros(1 << 16, dtype=np.int64)
     for s in range(0, n, _CHUNK):
-        part = key[s:s + _CHUNK] if everyone else key[s:s + _CHUNK][members[s:s + _CHUNK]]
+        part = key[s : s + _CHUNK] if everyone else key[s : s + _CHUNK][members[s : s + _CHUNK]]
         hist += np.bincount(part, minlength=1 << 16)
     if m >= hist.sum():
         return members.copy()
@@ -244,7 +273,7 @@ def _uniform_draw(members: np.ndarray, m: int, rng: np.random.Generator) -> np.n
     if not below < m <= below + hist.sum():  # outside 8 deviations: count everything
         return _lowest(key, members, m, rng)
     cut = lo + int(np.searchsorted(np.cumsum(hist), m - below))
-    return _cut(key, members, cut, m - below - int(hist[:cut - lo].sum()), rng)
+    return _cut(key, members, cut, m - below - int(hist[: cut - lo].sum()), rng)
 
 
 def _rounded(k: int, n: int, k_max: int, granule: int) -> int:

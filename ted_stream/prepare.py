@@ -1,4 +1,5 @@
 """Turn a text or JSONL corpus into zstd MDS shards with an empty score table beside them."""
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,10 @@ def columns_of(sample: dict[str, Any]) -> dict[str, str]:
     """MDS column types from the first sample; nested values are stored as JSON."""
     nulls = sorted(k for k, v in sample.items() if v is None)
     if nulls:
-        raise ValueError(f"column(s) {nulls} are null in the first sample, so their type cannot be "
-                         "inferred; give the first sample a value of each column's type")
+        raise ValueError(
+            f"column(s) {nulls} are null in the first sample, so their type cannot be "
+            "inferred; give the first sample a value of each column's type"
+        )
     return {k: _TYPES.get(type(v), "json") for k, v in sample.items()}
 
 
@@ -74,8 +77,10 @@ def sample_problem(sample: dict[str, Any], columns: dict[str, str]) -> str | Non
         if v is None:
             return f"column {key!r} is null; MDS columns cannot hold null: drop the sample or fill it in"
         if kind == "int64" and not isinstance(v, int):
-            return (f"column {key!r} holds {v!r} ({type(v).__name__}) but the first sample made it an "
-                    "integer column; store floats by giving the first sample a float (e.g. 3.0)")
+            return (
+                f"column {key!r} holds {v!r} ({type(v).__name__}) but the first sample made it an "
+                "integer column; store floats by giving the first sample a float (e.g. 3.0)"
+            )
         if kind == "int64" and not _INT64[0] <= v <= _INT64[1]:
             return f"column {key!r} holds {v}, outside the 64-bit integer range of an MDS int64 column"
         if kind == "float64" and (isinstance(v, bool) or not isinstance(v, (int, float))):
@@ -85,8 +90,7 @@ def sample_problem(sample: dict[str, Any], columns: dict[str, str]) -> str | Non
     return None
 
 
-def write_mds(samples: Iterable[dict[str, Any]], out: str, size_limit: int = 1 << 26,
-              total: int | None = None) -> int:
+def write_mds(samples: Iterable[dict[str, Any]], out: str, size_limit: int = 1 << 26, total: int | None = None) -> int:
     """Write ``samples`` as zstd MDS shards into ``out`` and an empty table in ``out/ted``.
 
     Everything is written into a temporary folder beside ``out`` and renamed into place at the
@@ -108,8 +112,7 @@ def write_mds(samples: Iterable[dict[str, Any]], out: str, size_limit: int = 1 <
         count = 0
         # xxh64 of every shard in index.json: a loader given validate_hash="xxh64" (upstream's
         # argument) refuses a damaged shard instead of reading wrong samples.
-        with MDSWriter(out=tmp, columns=columns, compression="zstd", hashes=["xxh64"],
-                       size_limit=size_limit) as writer:
+        with MDSWriter(out=tmp, columns=columns, compression="zstd", hashes=["xxh64"], size_limit=size_limit) as writer:
             for sample in tqdm(_chain(first, it), total=total, desc=f"writing {out}", unit="sample"):
                 problem = sample_problem(sample, columns)
                 if problem:

@@ -17,6 +17,7 @@ PyTorch loop, DeepSpeed, the Hugging Face Trainer):
 Scores stay on the device and reach the table every ``flush_every`` micro-steps, and always
 before a mask is frozen or the table saved, so the loop syncs the host once per flush, not per step.
 """
+
 from __future__ import annotations
 
 import logging
@@ -64,9 +65,11 @@ def deepspeed_loss_scale(engine: Any) -> Union[float, Tensor]:
         scale = getattr(optimizer, name, None)
         if isinstance(scale, (int, float, Tensor)):
             return scale
-    raise RuntimeError(f"DeepSpeed fp16 is on but its optimizer ({type(optimizer).__name__}) has no numeric "
-                       "loss_scale or cur_scale: expected one of DeepSpeed's fp16 optimizers, whose loss "
-                       "scale the scores must be divided by")
+    raise RuntimeError(
+        f"DeepSpeed fp16 is on but its optimizer ({type(optimizer).__name__}) has no numeric "
+        "loss_scale or cur_scale: expected one of DeepSpeed's fp16 optimizers, whose loss "
+        "scale the scores must be divided by"
+    )
 
 
 def reading_of(scores: Scores, reading: str) -> Tensor:
@@ -100,19 +103,29 @@ class TEDProtocol:
     flush_every: micro-steps between transfers of the buffered scores to the table.
     """
 
-    def __init__(self, dataset: PruningSource, model: Optional[nn.Module] = None, *,
-                 scorer: Optional[Mapping[str, Any]] = None, epochs: Optional[int] = None,
-                 flush_every: int = 16) -> None:
+    def __init__(
+        self,
+        dataset: PruningSource,
+        model: Optional[nn.Module] = None,
+        *,
+        scorer: Optional[Mapping[str, Any]] = None,
+        epochs: Optional[int] = None,
+        flush_every: int = 16,
+    ) -> None:
         require_source(dataset, "dataset")
         if not dataset.batch_size:
-            raise ValueError(f"{type(dataset).__name__}(batch_size={dataset.batch_size!r}): expected the per-rank "
-                             "batch size the loader uses (the epoch is partitioned by it)")
+            raise ValueError(
+                f"{type(dataset).__name__}(batch_size={dataset.batch_size!r}): expected the per-rank "
+                "batch size the loader uses (the epoch is partitioned by it)"
+            )
         if not isinstance(flush_every, int) or flush_every < 1:
             raise ValueError(f"flush_every={flush_every!r} is invalid: expected an integer >= 1")
         epochs = dataset.ted.epochs if epochs is None else epochs
         if epochs is not None and dataset.ted.epochs is not None and epochs != dataset.ted.epochs:
-            raise ValueError(f"epochs={epochs} but the dataset's TEDConfig.epochs={dataset.ted.epochs}: "
-                             "expected the same number of epochs")
+            raise ValueError(
+                f"epochs={epochs} but the dataset's TEDConfig.epochs={dataset.ted.epochs}: "
+                "expected the same number of epochs"
+            )
         settings = scorer_settings(scorer)
         self.dataset = dataset
         self.model = model
@@ -122,10 +135,16 @@ class TEDProtocol:
         self.scorer: Optional[TaylorScorer] = None
         if self.reading != "loss":
             if model is None:
-                raise ValueError(f"reading {self.reading!r} scores gradients: pass the model (only the "
-                                 "'loss' reading needs none)")
-            self.scorer = TaylorScorer(model, layers=settings["layers"], rows=settings["rows"],
-                                       seed=settings["seed"], ref_ema=settings["ref_ema"])
+                raise ValueError(
+                    f"reading {self.reading!r} scores gradients: pass the model (only the 'loss' reading needs none)"
+                )
+            self.scorer = TaylorScorer(
+                model,
+                layers=settings["layers"],
+                rows=settings["rows"],
+                seed=settings["seed"],
+                ref_ema=settings["ref_ema"],
+            )
         self.epoch = -1  # the epoch in progress (-1: none started)
         self.steps = 0  # micro-steps per rank in that epoch
         self.micro = 0  # micro-steps done in it (a resumed epoch counts those before the checkpoint)
@@ -143,16 +162,19 @@ class TEDProtocol:
         """The training loss of a micro-batch: the mean of each sample's loss times its
         ``ted_weight`` (the policy's rescaling). Counts the micro-step; call ``score`` after backward."""
         if per_sample_loss.dim() != 1:
-            raise ValueError(f"per_sample_loss has shape {tuple(per_sample_loss.shape)}: expected one loss "
-                             "per sample, shape [B]")
+            raise ValueError(
+                f"per_sample_loss has shape {tuple(per_sample_loss.shape)}: expected one loss per sample, shape [B]"
+            )
         ids, weights = batch["ted_id"], batch["ted_weight"]
         # At least fp32: an fp16 weight times the fp16 loss scale (65536) in score() is inf.
         wide = torch.promote_types(per_sample_loss.dtype, torch.float32)
         weights = torch.as_tensor(weights).to(per_sample_loss.device, wide)
         if weights.shape != per_sample_loss.shape:
-            raise ValueError(f"ted_weight has shape {tuple(weights.shape)} but the loss "
-                             f"{tuple(per_sample_loss.shape)}: "
-                             "expected one weight per sample")
+            raise ValueError(
+                f"ted_weight has shape {tuple(weights.shape)} but the loss "
+                f"{tuple(per_sample_loss.shape)}: "
+                "expected one weight per sample"
+            )
         self._batch = (torch.as_tensor(ids), weights, per_sample_loss.detach())
         self.micro += 1
         self.epoch_trained += len(weights)
@@ -172,8 +194,9 @@ class TEDProtocol:
         if self.scorer is None:
             value = per_sample
         else:
-            value = reading_of(self.scorer.compute(weights * backward_scale / len(weights), loss=per_sample),
-                               self.reading)
+            value = reading_of(
+                self.scorer.compute(weights * backward_scale / len(weights), loss=per_sample), self.reading
+            )
         self._ids.append(ids.detach())
         self._values.append(value.detach())
         if len(self._ids) >= self.flush_every:
@@ -191,8 +214,9 @@ class TEDProtocol:
         dropped = len(values) - int(finite.sum())
         if dropped:
             self.skipped += dropped
-            log.warning("dropped %d non-finite score(s) (fp16 loss-scale overflow?); %d over the run",
-                        dropped, self.skipped)
+            log.warning(
+                "dropped %d non-finite score(s) (fp16 loss-scale overflow?); %d over the run", dropped, self.skipped
+            )
             ids, values = ids[finite], values[finite]
         self.dataset.record(ids, values)
 
@@ -212,8 +236,13 @@ class TEDProtocol:
         dist.barrier()  # each node's leader saved the table: no rank's loader worker reads an older file
         self.epoch = epoch
         self.steps = ceil(ds.rank_samples(epoch) / ds.batch_size)
-        return {"epoch": epoch, "kept": mask.kept, "pruned": ds.num_samples - mask.kept,
-                "num_samples": ds.num_samples, "steps": self.steps}
+        return {
+            "epoch": epoch,
+            "kept": mask.kept,
+            "pruned": ds.num_samples - mask.kept,
+            "num_samples": ds.num_samples,
+            "steps": self.steps,
+        }
 
     def end_epoch(self) -> dict[str, Any]:
         """Close the epoch in progress: flush, and account what it trained. Returns its row
@@ -230,8 +259,13 @@ class TEDProtocol:
         self.trained += trained
         mask = self.dataset.table.masks[self.epoch]
         n = self.dataset.num_samples
-        row = {"epoch": self.epoch, "kept": mask.kept, "pruned": n - mask.kept, "trained": trained,
-               "saved_so_far": 1.0 - self.trained / ((self.epoch + 1) * n)}
+        row = {
+            "epoch": self.epoch,
+            "kept": mask.kept,
+            "pruned": n - mask.kept,
+            "trained": trained,
+            "saved_so_far": 1.0 - self.trained / ((self.epoch + 1) * n),
+        }
         self.history.append(row)
         self._closed = True
         return row
@@ -270,10 +304,16 @@ class TEDProtocol:
         if self._ids or self._batch is not None:
             raise RuntimeError("state_dict() with scores not yet in the table: call checkpoint(), which flushes")
         state: dict[str, Any] = {
-            "version": STATE_VERSION, "epoch": self.epoch, "steps": self.steps, "micro": self.micro,
-            "trained": self.trained, "epoch_trained": self.epoch_trained, "closed": self._closed,
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "steps": self.steps,
+            "micro": self.micro,
+            "trained": self.trained,
+            "epoch_trained": self.epoch_trained,
+            "closed": self._closed,
             "history": list(self.history),
-            "reference": None if self.scorer is None or self.scorer.reference is None
+            "reference": None
+            if self.scorer is None or self.scorer.reference is None
             else self.scorer.reference.detach().cpu(),
         }
         if loader is not None:
@@ -307,7 +347,9 @@ class TEDProtocol:
         protocol's and the loader's state are loaded. A collective; call it before iterating."""
         path = os.path.join(folder, TABLE_FILE)
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} is missing: expected the score table saved by "
-                                    "TEDProtocol.checkpoint in every checkpoint folder")
+            raise FileNotFoundError(
+                f"{path} is missing: expected the score table saved by "
+                "TEDProtocol.checkpoint in every checkpoint folder"
+            )
         self.dataset.load_table(path)
         self.load_state_dict(state, loader)

@@ -5,6 +5,7 @@ policy, every rank receives the same bits) and persists the table. A loader adds
 format needs: which sample ids exist, how to read and order them, and how it selects (a static
 filter, say). Both loaders hold one: ``TEDWebDataset`` and ``TEDStreamingDataset``.
 """
+
 from __future__ import annotations
 
 import os
@@ -61,8 +62,7 @@ class Pruner:
     copy of the table; default ``local_leader()`` (at construction, like the loaders' ranks).
     """
 
-    def __init__(self, table_path: str, fingerprint: dict[str, Any], ted: TEDConfig,
-                 leader: Optional[bool] = None):
+    def __init__(self, table_path: str, fingerprint: dict[str, Any], ted: TEDConfig, leader: Optional[bool] = None):
         self.ted = ted
         self.table_path = table_path
         self.leader = local_leader() if leader is None else leader

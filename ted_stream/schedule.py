@@ -1,4 +1,5 @@
 """Progressive schedule: the fraction of the dataset pruned in each epoch."""
+
 from __future__ import annotations
 
 from .config import TEDConfig
@@ -32,6 +33,8 @@ def target_for_saved(cfg: TEDConfig, saved: float) -> float:
     mean_shape = sum(pruned_fraction(unit, e) for e in range(cfg.epochs)) / (0.5 * cfg.epochs)
     target = saved / mean_shape if mean_shape else float("inf")
     if not 0.0 <= target < 1.0:
-        raise ValueError(f"saved={saved} is out of reach for this schedule: it needs target={target:.3f}, "
-                         "expected < 1; shorten warm-up/ramp/tail or lower saved")
+        raise ValueError(
+            f"saved={saved} is out of reach for this schedule: it needs target={target:.3f}, "
+            "expected < 1; shorten warm-up/ramp/tail or lower saved"
+        )
     return target

@@ -10,6 +10,7 @@ on the mask, where G is the global batch mean of g_i (all-reduced over data-para
 optionally smoothed across steps by an EMA. Only activations and output gradients are read, so
 ZeRO-partitioned weights are never touched.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -255,8 +256,11 @@ class TaylorScorer:
         grads = torch.cat([layer.take() for layer in self._layers], dim=1)
         batch = grads.shape[0]
         # No tensor from host data on the per-step path: a fill, not a host-to-device copy.
-        weight = (loss_weight.to(grads.device, grads.dtype) if isinstance(loss_weight, Tensor)
-                  else grads.new_full((), loss_weight)).expand(batch)
+        weight = (
+            loss_weight.to(grads.device, grads.dtype)
+            if isinstance(loss_weight, Tensor)
+            else grads.new_full((), loss_weight)
+        ).expand(batch)
         safe = torch.where(weight == 0, torch.ones_like(weight), weight)
         grads = torch.where(weight[:, None] == 0, torch.zeros_like(grads), grads / safe[:, None])
 

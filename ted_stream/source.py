@@ -5,6 +5,7 @@ shards, ``loaders/wds.py``) implement it; ``TEDProtocol`` and the Trainer integr
 else, so a third format is one new loader module (plus, for the Trainer, the entry of its
 ``loader_class`` in ``integrations/hf.py``).
 """
+
 from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
@@ -69,6 +70,8 @@ class PruningSource(Protocol):
 def require_source(dataset: Any, name: str) -> PruningSource:
     """``dataset`` if it is a ``PruningSource``, else TypeError naming ``name``."""
     if not isinstance(dataset, PruningSource):
-        raise TypeError(f"{name} is a {type(dataset).__name__}: expected a TEDStreamingDataset or a TEDWebDataset "
-                        "(a ted_stream.source.PruningSource)")
+        raise TypeError(
+            f"{name} is a {type(dataset).__name__}: expected a TEDStreamingDataset or a TEDWebDataset "
+            "(a ted_stream.source.PruningSource)"
+        )
     return dataset

@@ -12,6 +12,7 @@ The header CRC covers version, length and JSON; the JSON carries the payload's C
 of the file is under a checksum. The header also names the configuration that froze each mask
 (run identity) and the dataset fingerprint. Nothing is pickled. See docs/table.md.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -95,9 +96,16 @@ def config_digest(config: Mapping[str, Any]) -> str:
 class ScoreTable:
     """Per-sample EMA scores, last-update epochs and frozen keep-masks of one dataset."""
 
-    def __init__(self, num_samples: int, fingerprint: dict[str, Any], ema: float = 0.5,
-                 scores: Optional[np.ndarray] = None, updated: Optional[np.ndarray] = None,
-                 masks: Optional[dict[int, EpochMask]] = None, path: Optional[str] = None):
+    def __init__(
+        self,
+        num_samples: int,
+        fingerprint: dict[str, Any],
+        ema: float = 0.5,
+        scores: Optional[np.ndarray] = None,
+        updated: Optional[np.ndarray] = None,
+        masks: Optional[dict[int, EpochMask]] = None,
+        path: Optional[str] = None,
+    ):
         if num_samples < 1:
             raise ValueError(f"num_samples={num_samples} is invalid: expected >= 1")
         if not 0.0 < ema <= 1.0:
@@ -138,25 +146,31 @@ class ScoreTable:
         """
         ids, values = np.asarray(ids), np.asarray(values)
         if ids.ndim != 1 or values.ndim != 1:
-            raise ValueError(f"record: ids and scores must be 1-D arrays (one score per sample); got "
-                             f"shapes {ids.shape} and {values.shape}")
+            raise ValueError(
+                f"record: ids and scores must be 1-D arrays (one score per sample); got "
+                f"shapes {ids.shape} and {values.shape}"
+            )
         if len(ids) != len(values):
             raise ValueError(f"record: {len(ids)} ids but {len(values)} scores; expected one score per id")
         if len(ids) and not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"record: sample ids must be integers (the batch's ted_id); got dtype "
-                             f"{ids.dtype}, e.g. {ids[:3].tolist()}")
+            raise ValueError(
+                f"record: sample ids must be integers (the batch's ted_id); got dtype "
+                f"{ids.dtype}, e.g. {ids[:3].tolist()}"
+            )
         if len(values) and values.dtype.kind not in "iuf":
             raise ValueError(f"record: scores must be real numbers; got dtype {values.dtype}")
         given = values
         with np.errstate(over="ignore"):  # a float64 beyond float32's range: reported below
             ids, values = ids.astype(np.int64), values.astype(np.float32)
         if len(ids) and (ids.min() < 0 or ids.max() >= self.num_samples):
-            raise ValueError(f"record: sample ids must lie in [0, {self.num_samples}); "
-                             f"got min {ids.min()}, max {ids.max()}")
+            raise ValueError(
+                f"record: sample ids must lie in [0, {self.num_samples}); got min {ids.min()}, max {ids.max()}"
+            )
         if not np.isfinite(values).all():
             bad = ~np.isfinite(values)
-            raise ValueError(f"record: scores must be finite float32 values (|score| <= 3.4e38); got "
-                             f"{given[bad][:4].tolist()}")
+            raise ValueError(
+                f"record: scores must be finite float32 values (|score| <= 3.4e38); got {given[bad][:4].tolist()}"
+            )
         return ids, values
 
     def score_array(self) -> np.ndarray:
@@ -179,13 +193,17 @@ class ScoreTable:
         clash = sorted(e for e in self.masks if self.frozen_by.get(e, digest) != digest)
         if clash:
             old = self.configs.get(self.frozen_by[clash[0]], {})
-            diff = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}"
-                             for k in sorted(set(old) | set(config)) if old.get(k) != config.get(k))
+            diff = ", ".join(
+                f"{k}: {old.get(k)!r} -> {config.get(k)!r}"
+                for k in sorted(set(old) | set(config))
+                if old.get(k) != config.get(k)
+            )
             raise TableError(
                 f"{self.path}: the keep-masks of epoch(s) {clash} were frozen by another configuration "
                 f"({old}) than this run's ({config}); they differ in {diff}. Frozen masks are reused only "
                 f"to resume the same run: to start a new run, give it another table_dir (or move "
-                f"{self.path} aside for a fresh table); to resume, use the same configuration")
+                f"{self.path} aside for a fresh table); to resume, use the same configuration"
+            )
         self.config = config
         self.configs[digest] = config
         self.frozen_by.update({e: digest for e in self.masks})
@@ -200,11 +218,14 @@ class ScoreTable:
             self.frozen_by.update({e: digest for e in self.masks if e not in self.frozen_by})
         stamps = {e: self.frozen_by.get(e) for e in self.masks}
         return {
-            "num_samples": self.num_samples, "fingerprint": self.fingerprint, "ema": self.ema,
+            "num_samples": self.num_samples,
+            "fingerprint": self.fingerprint,
+            "ema": self.ema,
             "epoch": self.epoch,
             "masks": [_mask_entry(m, stamps[m.epoch]) for m in self._sorted_masks()],
             "configs": {d: self.configs[d] for d in sorted({s for s in stamps.values() if s is not None})},
-            "payload_crc": payload_crc, "payload_bytes": payload_bytes,
+            "payload_crc": payload_crc,
+            "payload_bytes": payload_bytes,
         }
 
     def _payload_parts(self) -> list[np.ndarray]:
@@ -242,7 +263,8 @@ class ScoreTable:
                 raise TableError(
                     f"{path} was written by another process after this one "
                     f"{'loaded it' if seen is not None else 'found no table there'}: saving now would "
-                    "drop that process's scores. Two runs cannot share one table: give each its own table_dir")
+                    "drop that process's scores. Two runs cannot share one table: give each its own table_dir"
+                )
             fd, tmp = tempfile.mkstemp(prefix=".table-", suffix=".tmp", dir=folder)
             try:
                 os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would lock out a shared group
@@ -279,21 +301,29 @@ class ScoreTable:
             prefix = f.read(_PREFIX.size)
             magic = prefix[:8]
             if magic == MAGIC_V1:
-                raise TableError(f"{path} is a version-1 table (its header has no checksum); this "
-                                 f"ted_stream reads version {VERSION} only: {MOVE_ASIDE}")
-            if magic != MAGIC[:len(magic)] or not magic:
-                raise TableError(f"{path} is not a ted_stream score table (starts with {magic!r}, "
-                                 f"expected {MAGIC!r}); {MOVE_ASIDE}")
+                raise TableError(
+                    f"{path} is a version-1 table (its header has no checksum); this "
+                    f"ted_stream reads version {VERSION} only: {MOVE_ASIDE}"
+                )
+            if magic != MAGIC[: len(magic)] or not magic:
+                raise TableError(
+                    f"{path} is not a ted_stream score table (starts with {magic!r}, expected {MAGIC!r}); {MOVE_ASIDE}"
+                )
             if len(prefix) < _PREFIX.size:
-                raise TableError(f"{path} is truncated: {size} bytes, shorter than the "
-                                 f"{_PREFIX.size}-byte prefix; {MOVE_ASIDE}")
+                raise TableError(
+                    f"{path} is truncated: {size} bytes, shorter than the {_PREFIX.size}-byte prefix; {MOVE_ASIDE}"
+                )
             _, version, hlen, header_crc = _PREFIX.unpack(prefix)
             if version != VERSION:
-                raise TableError(f"{path} has table format version {version}; this ted_stream reads "
-                                 f"version {VERSION} only (a newer ted_stream, or a damaged file)")
+                raise TableError(
+                    f"{path} has table format version {version}; this ted_stream reads "
+                    f"version {VERSION} only (a newer ted_stream, or a damaged file)"
+                )
             if hlen > size - _PREFIX.size:  # checked before reading: a damaged length is no allocation
-                raise TableError(f"{path} is truncated or its header length is damaged: header needs "
-                                 f"{hlen} bytes, the file has {size - _PREFIX.size} after the prefix")
+                raise TableError(
+                    f"{path} is truncated or its header length is damaged: header needs "
+                    f"{hlen} bytes, the file has {size - _PREFIX.size} after the prefix"
+                )
             raw = f.read(hlen)
         if zlib.crc32(raw, zlib.crc32(prefix[8:16])) != header_crc:
             raise TableError(f"{path} is corrupted: header CRC mismatch; {MOVE_ASIDE}")
@@ -301,34 +331,34 @@ class ScoreTable:
         offset = _PREFIX.size + hlen
         expected = offset + header["payload_bytes"]
         if size != expected:
-            raise TableError(f"{path} is truncated or has trailing bytes: {size} bytes on disk, "
-                             f"header says {expected}")
+            raise TableError(f"{path} is truncated or has trailing bytes: {size} bytes on disk, header says {expected}")
         fp = header["fingerprint"]
         if fingerprint is not None and fp["digest"] != fingerprint["digest"]:
             raise TableError(
                 f"{path} belongs to another dataset: table fingerprint {fp['digest'][:12]} "
                 f"({fp.get('num_samples')} samples, {fp.get('num_shards')} shards) but this dataset is "
                 f"{fingerprint['digest'][:12]} ({fingerprint.get('num_samples')} samples, "
-                f"{fingerprint.get('num_shards')} shards); use another table_dir or delete the table")
+                f"{fingerprint.get('num_shards')} shards); use another table_dir or delete the table"
+            )
         n = header["num_samples"]
         mm = np.memmap(path, dtype=np.uint8, mode="c", offset=offset, shape=(header["payload_bytes"],))
         crc = _crc(mm, 0)
         if crc != header["payload_crc"]:
-            raise TableError(f"{path} is corrupted: payload CRC {crc:#010x}, header says "
-                             f"{header['payload_crc']:#010x}")
+            raise TableError(f"{path} is corrupted: payload CRC {crc:#010x}, header says {header['payload_crc']:#010x}")
         scores = mm[: 2 * n].view(np.uint16)
-        updated = mm[2 * n: 3 * n]
+        updated = mm[2 * n : 3 * n]
         pos, nbits = 3 * n, (n + 7) // 8
         masks = {}
         for m in header["masks"]:
-            keep = np.array(mm[pos: pos + nbits])
+            keep = np.array(mm[pos : pos + nbits])
             pos += nbits
             boost = None
             if m["boost"]:
-                boost = np.array(mm[pos: pos + nbits])
+                boost = np.array(mm[pos : pos + nbits])
                 pos += nbits
-            masks[m["epoch"]] = EpochMask(m["epoch"], keep, boost, float(m["boost_weight"]), n, m["requested"],
-                                          float(m.get("base_weight", 1.0)))
+            masks[m["epoch"]] = EpochMask(
+                m["epoch"], keep, boost, float(m["boost_weight"]), n, m["requested"], float(m.get("base_weight", 1.0))
+            )
         table = cls(n, fp, header["ema"], scores, updated, masks, path)
         table.epoch = header["epoch"]
         table.frozen_by = {m["epoch"]: m["config"] for m in header["masks"] if m["config"] is not None}
@@ -338,8 +368,13 @@ class ScoreTable:
 
 
 def _mask_entry(m: EpochMask, config: Optional[str]) -> dict[str, Any]:
-    entry = {"epoch": m.epoch, "boost": m.boost is not None, "boost_weight": m.boost_weight,
-             "requested": m.requested, "config": config}
+    entry = {
+        "epoch": m.epoch,
+        "boost": m.boost is not None,
+        "boost_weight": m.boost_weight,
+        "requested": m.requested,
+        "config": config,
+    }
     if m.base_weight != 1.0:  # written only when used: tables of earlier versions read unchanged
         entry["base_weight"] = m.base_weight
     return entry
@@ -347,6 +382,7 @@ def _mask_entry(m: EpochMask, config: Optional[str]) -> dict[str, Any]:
 
 def _parse_header(path: str, raw: bytes) -> dict[str, Any]:
     """The JSON header, every field type- and range-checked, or TableError naming the first problem."""
+
     def bad(problem: str) -> TableError:
         return TableError(f"{path} has a malformed header: {problem}; {MOVE_ASIDE}")
 
@@ -354,12 +390,16 @@ def _parse_header(path: str, raw: bytes) -> dict[str, Any]:
         if key not in obj:
             raise bad(f"{where}{key!r} is missing")
         v = obj[key]
-        ok = {"int": isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-              "number": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-              "bool": isinstance(v, bool), "str": isinstance(v, str), "dict": isinstance(v, dict),
-              "list": isinstance(v, list), "int?": v is None or (isinstance(v, int) and not isinstance(v, bool)
-                                                                 and v >= 0),
-              "str?": v is None or isinstance(v, str)}[kind]
+        ok = {
+            "int": isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+            "number": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+            "bool": isinstance(v, bool),
+            "str": isinstance(v, str),
+            "dict": isinstance(v, dict),
+            "list": isinstance(v, list),
+            "int?": v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+            "str?": v is None or isinstance(v, str),
+        }[kind]
         if not ok:
             raise bad(f"{where}{key!r} = {v!r:.80} is not {_KINDS[kind]}")
         return v
@@ -402,13 +442,20 @@ def _parse_header(path: str, raw: bytes) -> dict[str, Any]:
     if crc >= 1 << 32:
         raise bad(f"'payload_crc' = {crc} is not a CRC-32")
     if need(header, "payload_bytes", "int") != payload:
-        raise bad(f"'payload_bytes' = {header['payload_bytes']} but {n} samples and "
-                  f"{len(seen)} masks take {payload}")
+        raise bad(f"'payload_bytes' = {header['payload_bytes']} but {n} samples and {len(seen)} masks take {payload}")
     return header
 
 
-_KINDS = {"int": "an integer >= 0", "number": "a finite number", "bool": "true or false", "str": "a string",
-          "dict": "an object", "list": "a list", "int?": "null or an integer >= 0", "str?": "null or a string"}
+_KINDS = {
+    "int": "an integer >= 0",
+    "number": "a finite number",
+    "bool": "true or false",
+    "str": "a string",
+    "dict": "an object",
+    "list": "a list",
+    "int?": "null or an integer >= 0",
+    "str?": "null or a string",
+}
 
 
 def _disk_header_crc(path: str) -> Optional[int]:
@@ -480,7 +527,7 @@ def _fsync_dir(folder: str) -> None:
 def _crc(a: np.ndarray, crc: int) -> int:
     flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
     for start in range(0, len(flat), _CRC_CHUNK):
-        crc = zlib.crc32(flat[start:start + _CRC_CHUNK].data, crc)
+        crc = zlib.crc32(flat[start : start + _CRC_CHUNK].data, crc)
     return crc
 
 

@@ -19,6 +19,7 @@ dataset (a ``ted_stream.source.PruningSource``: MDS shards or indexed WebDataset
 * the learning-rate schedule follows epoch progress, so it ends with the last (pruned) epoch;
 * each epoch's kept / pruned / trained / saved figures go to the Trainer's logs.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,9 @@ try:
     from transformers import Trainer, TrainerCallback
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 except ImportError as e:  # the core install has no transformers
-    raise ImportError(f"ted_stream.integrations.hf needs transformers and accelerate ({e}): "
-                      "pip install 'ted_stream[hf]'") from e
+    raise ImportError(
+        f"ted_stream.integrations.hf needs transformers and accelerate ({e}): pip install 'ted_stream[hf]'"
+    ) from e
 
 import torch
 from streaming import StreamingDataLoader
@@ -43,9 +45,16 @@ from ..protocol import TEDProtocol, deepspeed_loss_scale
 from ..scorer import per_sample_ce, per_sample_lm_loss
 from ..source import PruningSource, require_source
 
-__all__ = ["TEDTrainer", "TEDTrainerMixin", "TEDCallback", "TEDLoader", "TEDWebTrainerLoader", "causal_lm_loss",
-           "refuse_data_parallel",
-           "STATE_FILE"]
+__all__ = [
+    "TEDTrainer",
+    "TEDTrainerMixin",
+    "TEDCallback",
+    "TEDLoader",
+    "TEDWebTrainerLoader",
+    "causal_lm_loss",
+    "refuse_data_parallel",
+    "STATE_FILE",
+]
 
 STATE_FILE = "ted_state.pt"  # the protocol's and the loader's state, beside the Trainer's files
 
@@ -102,8 +111,9 @@ class _TrainerEpochs:
 class TEDLoader(_TrainerEpochs, StreamingDataLoader):
     """streaming's loader for MDS shards (see ``_TrainerEpochs``)."""
 
-    def __init__(self, dataset: PruningSource, protocol: TEDProtocol,
-                 on_epoch: Callable[[dict[str, int]], None], **kwargs: Any) -> None:
+    def __init__(
+        self, dataset: PruningSource, protocol: TEDProtocol, on_epoch: Callable[[dict[str, int]], None], **kwargs: Any
+    ) -> None:
         super().__init__(dataset, batch_size=dataset.batch_size, **kwargs)
         self._follow(protocol, on_epoch)
 
@@ -114,8 +124,9 @@ class TEDLoader(_TrainerEpochs, StreamingDataLoader):
 class TEDWebTrainerLoader(_TrainerEpochs, TEDWebLoader):
     """The exact path's loader for tar shards (see ``_TrainerEpochs``)."""
 
-    def __init__(self, dataset: Any, protocol: TEDProtocol,
-                 on_epoch: Callable[[dict[str, int]], None], **kwargs: Any) -> None:
+    def __init__(
+        self, dataset: Any, protocol: TEDProtocol, on_epoch: Callable[[dict[str, int]], None], **kwargs: Any
+    ) -> None:
         super().__init__(dataset, **kwargs)
         self._follow(protocol, on_epoch)
 
@@ -125,7 +136,9 @@ class TEDWebTrainerLoader(_TrainerEpochs, TEDWebLoader):
 
 # The Trainer's loader for each dataset's loader_class.
 _TRAINER_LOADERS: dict[type, Callable[..., _TrainerEpochs]] = {
-    StreamingDataLoader: TEDLoader, TEDWebLoader: TEDWebTrainerLoader}
+    StreamingDataLoader: TEDLoader,
+    TEDWebLoader: TEDWebTrainerLoader,
+}
 
 
 class TEDCallback(TrainerCallback):
@@ -176,20 +189,29 @@ class TEDTrainerMixin(_TrainerBase):
         ted_flush_every: micro-steps between transfers of the scores to the table.
     """
 
-    def __init__(self, *args: Any, ted_scorer: Optional[Mapping[str, Any]] = None,
-                 per_sample_loss: Callable[[Any, Tensor], Tensor] = causal_lm_loss,
-                 ted_flush_every: int = 16, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        ted_scorer: Optional[Mapping[str, Any]] = None,
+        per_sample_loss: Callable[[Any, Tensor], Tensor] = causal_lm_loss,
+        ted_flush_every: int = 16,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         ds, targs = require_source(self.train_dataset, "train_dataset"), self.args
         if ds.batch_size != targs.per_device_train_batch_size:
-            raise ValueError(f"{type(ds).__name__}(batch_size={ds.batch_size}) but per_device_train_batch_size="
-                             f"{targs.per_device_train_batch_size}: expected the same per-rank batch (the "
-                             "dataset partitions each epoch by it)")
+            raise ValueError(
+                f"{type(ds).__name__}(batch_size={ds.batch_size}) but per_device_train_batch_size="
+                f"{targs.per_device_train_batch_size}: expected the same per-rank batch (the "
+                "dataset partitions each epoch by it)"
+            )
         ds.check_world(targs.process_index, targs.world_size)
         refuse_data_parallel(targs)
         if targs.max_steps > 0:
-            raise ValueError(f"max_steps={targs.max_steps}: expected -1; TED training is counted in epochs "
-                             "(num_train_epochs), since pruned epochs have fewer steps")
+            raise ValueError(
+                f"max_steps={targs.max_steps}: expected -1; TED training is counted in epochs "
+                "(num_train_epochs), since pruned epochs have fewer steps"
+            )
         epochs = targs.num_train_epochs
         if epochs != int(epochs) or epochs < 1:
             raise ValueError(f"num_train_epochs={epochs}: expected a whole number of epochs >= 1")
@@ -214,16 +236,26 @@ class TEDTrainerMixin(_TrainerBase):
             extra = {"prefetch_factor": targs.dataloader_prefetch_factor} if workers else {}
             kind = _TRAINER_LOADERS[self.ted.dataset.loader_class]
             self._ted_loader = kind(
-                self.ted.dataset, self.ted, self._log_epoch_start,
+                self.ted.dataset,
+                self.ted,
+                self._log_epoch_start,
                 collate_fn=_Collate(self._get_collator_with_removed_columns(self.data_collator, "training")),
-                num_workers=workers, pin_memory=targs.dataloader_pin_memory,
-                persistent_workers=targs.dataloader_persistent_workers and workers > 0, **extra)
+                num_workers=workers,
+                pin_memory=targs.dataloader_pin_memory,
+                persistent_workers=targs.dataloader_persistent_workers and workers > 0,
+                **extra,
+            )
         return self._ted_loader
 
     def _log_epoch_start(self, info: dict[str, int]) -> None:
         transformers.logging.get_logger(__name__).info(
-            "TED epoch %d: keeping %d of %d samples (%d pruned), %d steps per rank", info["epoch"],
-            info["kept"], info["num_samples"], info["pruned"], info["steps"])
+            "TED epoch %d: keeping %d of %d samples (%d pruned), %d steps per rank",
+            info["epoch"],
+            info["kept"],
+            info["num_samples"],
+            info["pruned"],
+            info["steps"],
+        )
         self._log_ted_rows()  # a run resumed from a checkpoint at an epoch's last step closes it here
 
     def _log_ted_rows(self) -> None:
@@ -235,8 +267,13 @@ class TEDTrainerMixin(_TrainerBase):
                 self.log({f"ted_{k}": v for k, v in row.items()})
 
     # ---- the step ------------------------------------------------------------------------------
-    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Optional[Tensor] = None) -> Any:
+    def compute_loss(
+        self,
+        model: Any,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Optional[Tensor] = None,
+    ) -> Any:
         if "ted_id" not in inputs or not model.training:  # evaluation, or a batch not from TEDLoader
             inputs = {k: v for k, v in inputs.items() if k not in ("ted_id", "ted_weight")}
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -255,8 +292,7 @@ class TEDTrainerMixin(_TrainerBase):
         prepared["ted_weight"] = inputs["ted_weight"].to(self.args.device, torch.float32)
         return prepared
 
-    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Optional[Tensor] = None
-                      ) -> Tensor:
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Optional[Tensor] = None) -> Tensor:
         # Before the step: under DeepSpeed, accelerate steps the engine inside backward, and a
         # step changes the fp16 loss scale (halved after an overflow, doubled after a window).
         scale = self._loss_scale()
@@ -301,10 +337,12 @@ def refuse_data_parallel(targs: Any) -> None:
     """ValueError if the Trainer would wrap the model in ``nn.DataParallel`` (one process that
     sees several GPUs): its replicas would share the scorer's hooks."""
     if targs.n_gpu > 1:
-        raise ValueError(f"TrainingArguments.n_gpu={targs.n_gpu}: one process sees several GPUs, so the Trainer "
-                         "would wrap the model in nn.DataParallel, whose replicas share the scorer's hooks; "
-                         f"expected one process per GPU: torchrun --nproc_per_node {targs.n_gpu} (or "
-                         "accelerate launch, or deepspeed) your script, or CUDA_VISIBLE_DEVICES=0 for one GPU")
+        raise ValueError(
+            f"TrainingArguments.n_gpu={targs.n_gpu}: one process sees several GPUs, so the Trainer "
+            "would wrap the model in nn.DataParallel, whose replicas share the scorer's hooks; "
+            f"expected one process per GPU: torchrun --nproc_per_node {targs.n_gpu} (or "
+            "accelerate launch, or deepspeed) your script, or CUDA_VISIBLE_DEVICES=0 for one GPU"
+        )
 
 
 def follow_epochs(scheduler: Any, progress: Callable[[], float], total_steps: int) -> None:
@@ -312,13 +350,16 @@ def follow_epochs(scheduler: Any, progress: Callable[[], float], total_steps: in
     epochs instead of its step count: at progress p it applies the factor of step p * total_steps,
     so warm-up and decay keep their shape and the schedule ends with the last, pruned, epoch."""
     if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-        raise TypeError(f"the learning-rate schedule is a {type(scheduler).__name__}: expected a LambdaLR "
-                        "(any transformers.get_scheduler type but reduce_lr_on_plateau) to follow epoch progress")
+        raise TypeError(
+            f"the learning-rate schedule is a {type(scheduler).__name__}: expected a LambdaLR "
+            "(any transformers.get_scheduler type but reduce_lr_on_plateau) to follow epoch progress"
+        )
 
     def at_progress(factor: Callable[[int], float]) -> Callable[[int], float]:
         # A plain function, not an object: LambdaLR.state_dict would pickle an object's __dict__.
         def lr_factor(step: int) -> float:
             return factor(round(progress() * total_steps))
+
         return lr_factor
 
     scheduler.lr_lambdas = [at_progress(f) for f in scheduler.lr_lambdas]

@@ -6,6 +6,7 @@ Streaming's downloaders do not agree on how a missing object looks: the local on
 whose response says 404. A missing table is the normal state of a fresh bucket, so every one of
 them must read as "no table yet", and nothing else may.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,9 +42,14 @@ def table_home(streams: Any, digest: str) -> tuple[str, Optional[str]]:
         return local, None
     scheme = urlparse(first.remote).scheme
     if scheme not in UPLOADERS:
-        logger.warning("remote=%r: streaming cannot upload to %s://, so the score table is kept in the "
-                       "local cache only (%s); pass table_dir=<a folder on shared storage> to keep it "
-                       "where every node and a later run can find it", first.remote, scheme, local)
+        logger.warning(
+            "remote=%r: streaming cannot upload to %s://, so the score table is kept in the "
+            "local cache only (%s); pass table_dir=<a folder on shared storage> to keep it "
+            "where every node and a later run can find it",
+            first.remote,
+            scheme,
+            local,
+        )
         return local, None
     return local, os.path.join(first.remote, first.split or "", sub)
 
@@ -88,16 +94,20 @@ def download_table(remote_dir: str, path: str, fingerprint: dict[str, Any], time
         except Exception as err:
             if is_not_found(err):
                 return False  # a new table: the first save uploads it
-            raise RuntimeError(f"could not read the score table at {remote}: {err}; check the address "
-                               "and this job's credentials and permissions for it") from err
+            raise RuntimeError(
+                f"could not read the score table at {remote}: {err}; check the address "
+                "and this job's credentials and permissions for it"
+            ) from err
         try:
             ScoreTable.load(tmp, fingerprint)  # refuse a damaged or foreign table before installing it
         except TableError as err:
             # The message names our private download, which is gone: name the object instead.
             why = str(err).replace(tmp, remote).replace(MOVE_ASIDE, "")
-            raise TableError(f"{why.rstrip(': ')}. Fix it at its remote address: delete or replace {remote} "
-                             "(a new table starts if none is there), or pass table_dir= to keep this "
-                             "run's table elsewhere") from None
+            raise TableError(
+                f"{why.rstrip(': ')}. Fix it at its remote address: delete or replace {remote} "
+                "(a new table starts if none is there), or pass table_dir= to keep this "
+                "run's table elsewhere"
+            ) from None
         os.replace(tmp, path)
         return True
     finally:

@@ -5,6 +5,7 @@ make up an epoch, so upstream partitioning, shuffling, padding and mid-epoch res
 unchanged on the kept samples. An epoch with nothing to skip returns upstream's arrays untouched:
 the dataset then yields exactly what ``StreamingDataset`` yields.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -71,9 +72,11 @@ def _init_upstream(ds: StreamingDataset, kwargs: dict[str, Any]) -> None:
             if not str(err).rstrip("'").endswith("_locals"):
                 raise
             if dist.active() or attempt == _PREFIX_RETRIES:
-                raise RuntimeError(f"streaming's shared-memory prefix {err.filename} was taken by another job "
-                                   "that started at the same moment on this machine (a race inside "
-                                   "mosaicml-streaming); start this job again") from err
+                raise RuntimeError(
+                    f"streaming's shared-memory prefix {err.filename} was taken by another job "
+                    "that started at the same moment on this machine (a race inside "
+                    "mosaicml-streaming); start this job again"
+                ) from err
             time.sleep(random.SystemRandom().uniform(0.05, 0.5))  # jitter, without touching the global seed
 
 
@@ -95,9 +98,15 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
     ``ted_weight`` (its loss weight this epoch: 1 unless the policy rescales).
     """
 
-    def __init__(self, *, ted: Union[TEDConfig, Mapping[str, Any], None] = None,
-                 table_dir: Optional[str] = None, groups: Any = None,
-                 sample_filter: Optional[sample_filters.SampleFilter] = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        ted: Union[TEDConfig, Mapping[str, Any], None] = None,
+        table_dir: Optional[str] = None,
+        groups: Any = None,
+        sample_filter: Optional[sample_filters.SampleFilter] = None,
+        **kwargs: Any,
+    ) -> None:
         ted = as_config(ted)
         with _local_world_size_from_deepspeed():
             _init_upstream(self, kwargs)
@@ -117,8 +126,10 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
         if sample_filter is not None:
             self._filter = EpochMask.from_bools(-1, self._resolve_filter(sample_filter, table_dir))
             if self._filter.kept == 0:
-                raise ValueError(f"sample_filter={sample_filter!r} keeps none of the {self.num_samples} "
-                                 "samples: expected a filter that keeps at least one")
+                raise ValueError(
+                    f"sample_filter={sample_filter!r} keeps none of the {self.num_samples} "
+                    "samples: expected a filter that keeps at least one"
+                )
         self._epoch: Optional[int] = None  # the epoch last frozen or resumed (main process)
         self._iter_epoch: Optional[int] = None  # the epoch this copy is iterating (workers)
         self._iter_mask: Optional[EpochMask] = None  # and its mask (None: all data, weight 1)
@@ -136,13 +147,16 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
         if groups is not None:
             groups = np.asarray(groups)
             if groups.shape != (self.num_samples,) or not np.issubdtype(groups.dtype, np.integer):
-                raise ValueError(f"groups has shape {groups.shape} and dtype {groups.dtype}: expected "
-                                 f"({self.num_samples},) integers, one group per sample")
+                raise ValueError(
+                    f"groups has shape {groups.shape} and dtype {groups.dtype}: expected "
+                    f"({self.num_samples},) integers, one group per sample"
+                )
         self._groups = groups
 
     # ---- the pruning hooks into upstream -------------------------------------------------------
-    def resample_streams(self, epoch: int, stream_id: Optional[int] = None
-                         ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    def resample_streams(
+        self, epoch: int, stream_id: Optional[int] = None
+    ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
         units, ids = super().resample_streams(epoch, stream_id)
         # generate_work calls this once per stream: reuse the mask resolved for this epoch.
         mask = self._iter_mask if epoch == self._iter_epoch else self._mask_for(epoch)
@@ -203,8 +217,7 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
         """The policy's mask; with a filter, the policy sees only the samples the filter keeps."""
         if self._filter is None:
             return select(self.ted, table, epoch, self._granule(), self.groups)
-        return select_within(self.ted, table, epoch, np.flatnonzero(self._filter.bools()), self._granule(),
-                             self.groups)
+        return select_within(self.ted, table, epoch, np.flatnonzero(self._filter.bools()), self._granule(), self.groups)
 
     # ---- where the table lives -----------------------------------------------------------------
     def _pull_table(self, path: str, fingerprint: dict[str, Any], timeout: float) -> None:
@@ -221,8 +234,9 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
     def _resolve_filter(self, spec: sample_filters.SampleFilter, table_dir: str) -> NDArray[np.bool_]:
         if not callable(spec):
             return sample_filters.keep_from_ids(spec, self.num_samples)
-        path = sample_filters.cache_path(table_dir, self.table.fingerprint["digest"],
-                                         sample_filters.predicate_identity(spec))
+        path = sample_filters.cache_path(
+            table_dir, self.table.fingerprint["digest"], sample_filters.predicate_identity(spec)
+        )
         keep = None
         if dist.rank() == 0:
             keep = sample_filters.load_cached(path, self.num_samples)
@@ -267,9 +281,11 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
         if epoch != expected:
             # A mask frozen for another epoch than the one iterated prunes the wrong samples
             # (and len() disagrees with what the loader yields).
-            raise ValueError(f"start_epoch({epoch}) does not match the epoch streaming iterates next, "
-                             f"{expected}: epochs count from 0 and advance once per pass over the loader "
-                             f"(a loaded checkpoint resumes its own epoch); call start_epoch({expected})")
+            raise ValueError(
+                f"start_epoch({epoch}) does not match the epoch streaming iterates next, "
+                f"{expected}: epochs count from 0 and advance once per pass over the loader "
+                f"(a loaded checkpoint resumes its own epoch); call start_epoch({expected})"
+            )
         self._persist_current_mask(before=epoch)  # the epoch just iterated; before the collective
         mask = self.pruner.freeze(epoch, self._select)  # merges, selects, broadcasts, saves
         self._implicit.pop(epoch, None)
@@ -307,17 +323,25 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
         # about to be overwritten: record its mask (all-keep where that froze nothing) so that it
         # survives. `before`: start_epoch's epoch, which it freezes itself.
         epoch = self.resumed_epoch(self.next_epoch - 1)
-        if (epoch < 0 or (before is not None and epoch >= before) or epoch in self.table.masks
-                or pruned_fraction(self.ted, epoch) == 0):
+        if (
+            epoch < 0
+            or (before is not None and epoch >= before)
+            or epoch in self.table.masks
+            or pruned_fraction(self.ted, epoch) == 0
+        ):
             return
         mask = self._mask_for(epoch)
         if mask is None:  # nothing was scored when the epoch began: it pruned none of what it asked
             count = self.num_samples if self._filter is None else self._filter.kept
             requested = round(pruned_fraction(self.ted, epoch) * count)
-            warnings.warn(f"epoch {epoch} was iterated without start_epoch({epoch}) while the table file "
-                          f"held no scores, so it pruned none of the {requested} samples the schedule asks "
-                          "for; persist recorded scores with save_table() (or call start_epoch) before "
-                          "an epoch begins", PruningWarning, stacklevel=3)
+            warnings.warn(
+                f"epoch {epoch} was iterated without start_epoch({epoch}) while the table file "
+                f"held no scores, so it pruned none of the {requested} samples the schedule asks "
+                "for; persist recorded scores with save_table() (or call start_epoch) before "
+                "an epoch begins",
+                PruningWarning,
+                stacklevel=3,
+            )
             mask = EpochMask.everything(epoch, self.num_samples, requested)
         self.table.masks[epoch] = mask
 
@@ -362,8 +386,12 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
     def state_dict(self, num_samples: int, from_beginning: bool) -> dict[str, Any]:
         state = super().state_dict(num_samples, from_beginning)
         mask = self._mask_for(state["epoch"]) if state["epoch"] >= 0 else None
-        state["ted"] = {"fingerprint": self.table.fingerprint["digest"], "epoch": state["epoch"],
-                        "mask_crc": None if mask is None else mask.crc, "granule": self._granule()}
+        state["ted"] = {
+            "fingerprint": self.table.fingerprint["digest"],
+            "epoch": state["epoch"],
+            "mask_crc": None if mask is None else mask.crc,
+            "granule": self._granule(),
+        }
         return state
 
     def load_state_dict(self, obj: dict[str, Any]) -> None:
@@ -371,15 +399,19 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
         ted = obj.pop("ted", None)
         if ted is not None:
             if ted["fingerprint"] != self.table.fingerprint["digest"]:
-                raise ValueError(f"checkpoint was taken on dataset {ted['fingerprint'][:12]}, "
-                                 f"this dataset is {self.table.fingerprint['digest'][:12]}")
+                raise ValueError(
+                    f"checkpoint was taken on dataset {ted['fingerprint'][:12]}, "
+                    f"this dataset is {self.table.fingerprint['digest'][:12]}"
+                )
             mask = self._mask_for(ted["epoch"]) if ted["epoch"] >= 0 else None
             crc = None if mask is None else mask.crc
             if ted["mask_crc"] is not None and crc != ted["mask_crc"]:
                 found = "no mask" if mask is None else f"mask CRC {crc:#010x}"
-                raise ValueError(f"cannot resume epoch {ted['epoch']}: the checkpoint's keep-mask has "
-                                 f"CRC {ted['mask_crc']:#010x} but the table at {self.table_path} holds "
-                                 f"{found}; resume with the table saved alongside the checkpoint")
+                raise ValueError(
+                    f"cannot resume epoch {ted['epoch']}: the checkpoint's keep-mask has "
+                    f"CRC {ted['mask_crc']:#010x} but the table at {self.table_path} holds "
+                    f"{found}; resume with the table saved alongside the checkpoint"
+                )
             self._epoch = ted["epoch"]
             # Elastic resume: later masks keep the rounding of the run that started, so they are
             # the masks an uninterrupted run would freeze, whatever the new number of ranks.
@@ -418,8 +450,13 @@ class _WorkerSample(dict):
         plain, packed = dict(self), []
         for key in _TED_KEYS:
             value = plain.get(key)
-            if (type(value) is torch.Tensor and value.device.type == "cpu" and value.layout == torch.strided
-                    and not value.requires_grad and value.dtype in _NUMPY_DTYPES):
+            if (
+                type(value) is torch.Tensor
+                and value.device.type == "cpu"
+                and value.layout == torch.strided
+                and not value.requires_grad
+                and value.dtype in _NUMPY_DTYPES
+            ):
                 array = value.numpy()
                 plain[key] = (array.tobytes(), array.dtype.str, array.shape)
                 packed.append(key)
@@ -434,5 +471,3 @@ def _plain_sample(plain: dict[str, Any], packed: tuple[str, ...]) -> dict[str, A
         data, dtype, shape = plain[key]
         plain[key] = torch.from_numpy(np.frombuffer(bytearray(data), dtype=dtype).reshape(shape))
     return plain
-
-

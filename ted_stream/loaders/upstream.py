@@ -6,6 +6,7 @@ through its members; ``TEDProtocol`` reaches streaming's checkpoint format only 
 (see docs/api.md, "Streaming versions"): a streaming release that renames one of these fields
 breaks here, in one place.
 """
+
 from __future__ import annotations
 
 from typing import Any

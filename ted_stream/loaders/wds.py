@@ -20,6 +20,7 @@ Why not webdataset's ``wids`` for the exact path: webdataset 1.0.2 no longer shi
 its own package), and the manifest already holds each sample's byte span, so a reader is a
 ``pread`` plus a tar-header check: no second index format, no extra dependency.
 """
+
 from __future__ import annotations
 
 import os
@@ -65,10 +66,21 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
         rehash: check every shard's SHA-256 at open, not only those whose mtime changed.
     """
 
-    def __init__(self, shards: Shards, *, ted: Union[TEDConfig, Mapping[str, Any], None] = None,
-                 table_dir: Optional[str] = None, decode: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None,
-                 batch_size: int = 1, shuffle: bool = True, seed: int = 0, rank: Optional[int] = None,
-                 world_size: Optional[int] = None, groups: Optional[Sequence[int]] = None, rehash: bool = False):
+    def __init__(
+        self,
+        shards: Shards,
+        *,
+        ted: Union[TEDConfig, Mapping[str, Any], None] = None,
+        table_dir: Optional[str] = None,
+        decode: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None,
+        batch_size: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+        groups: Optional[Sequence[int]] = None,
+        rehash: bool = False,
+    ):
         self._files: dict[str, Any] = {}  # open shard files of this process (first: __del__ closes them)
         self.index = WdsIndex.open(shards, rehash=rehash)
         self.ted = as_config(ted)
@@ -80,13 +92,18 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
         self.rank = dist.rank() if rank is None else rank
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank={self.rank} is invalid: expected 0 <= rank < world_size={self.world_size}")
-        self.pruner = Pruner(os.path.join(table_dir or os.path.join(self.index.folder, "ted"), FILENAME),
-                             self.index.fingerprint, self.ted)
+        self.pruner = Pruner(
+            os.path.join(table_dir or os.path.join(self.index.folder, "ted"), FILENAME),
+            self.index.fingerprint,
+            self.ted,
+        )
         n = self.index.num_samples
         self.groups = None if groups is None else np.asarray(groups)
         if self.groups is not None and (self.groups.shape != (n,) or not np.issubdtype(self.groups.dtype, np.integer)):
-            raise ValueError(f"groups has shape {self.groups.shape} and dtype {self.groups.dtype}: expected ({n},) "
-                             "integers, one group per sample")
+            raise ValueError(
+                f"groups has shape {self.groups.shape} and dtype {self.groups.dtype}: expected ({n},) "
+                "integers, one group per sample"
+            )
         self.decode, self.batch_size, self.shuffle, self.seed = decode, batch_size, shuffle, seed
         self._epoch: Optional[int] = None  # the epoch last frozen (or resumed)
         self._resume: Optional[tuple[int, int]] = None  # (epoch, samples this rank already consumed)
@@ -152,8 +169,10 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
     def _mask(self, epoch: int) -> EpochMask:
         mask = self.pruner.mask(epoch)
         if mask is None:
-            raise KeyError(f"epoch {epoch} has no frozen keep-mask (frozen: {sorted(self.table.masks)}): "
-                           f"call start_epoch({epoch}) before reading it")
+            raise KeyError(
+                f"epoch {epoch} has no frozen keep-mask (frozen: {sorted(self.table.masks)}): "
+                f"call start_epoch({epoch}) before reading it"
+            )
         return mask
 
     def _weight(self, epoch: int, sample_id: int) -> float:
@@ -164,8 +183,10 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
 
     def _current_epoch(self) -> int:
         if self._epoch is None:
-            raise RuntimeError("no epoch started: call start_epoch(epoch) before iterating (every epoch, "
-                               "like DistributedSampler.set_epoch)")
+            raise RuntimeError(
+                "no epoch started: call start_epoch(epoch) before iterating (every epoch, "
+                "like DistributedSampler.set_epoch)"
+            )
         return self._epoch
 
     # ---- the exact path ----------------------------------------------------------------------
@@ -180,7 +201,7 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
             if self.shuffle:
                 order = np.random.default_rng([self.seed, epoch]).permutation(order)
             per_rank = -(-len(order) // self.world_size)
-            self._order = {epoch: np.resize(order, per_rank * self.world_size)[self.rank::self.world_size]}
+            self._order = {epoch: np.resize(order, per_rank * self.world_size)[self.rank :: self.world_size]}
         return self._order[epoch]
 
     def rank_samples(self, epoch: int) -> int:
@@ -228,8 +249,9 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
         try:
             return self.decode(sample)
         except Exception as e:  # the user's decoder on damaged bytes: any exception type
-            raise CorruptSample(sample["__shard__"], sample["__key__"], sample_id,
-                                f"decode failed: {type(e).__name__}: {e}") from e
+            raise CorruptSample(
+                sample["__shard__"], sample["__key__"], sample_id, f"decode failed: {type(e).__name__}: {e}"
+            ) from e
 
     def _substitute(self, error: CorruptSample, epoch: int) -> tuple[int, dict[str, Any]]:
         kept = self.kept_ids(epoch)
@@ -239,12 +261,15 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
                 sample = self._load(int(sample_id))
             except CorruptSample:
                 continue
-            warnings.warn(f"{error}; replaced by kept sample {sample_id} for epoch {epoch}",
-                          CorruptSampleWarning, stacklevel=3)
+            warnings.warn(
+                f"{error}; replaced by kept sample {sample_id} for epoch {epoch}", CorruptSampleWarning, stacklevel=3
+            )
             return int(sample_id), sample
-        raise RuntimeError(f"{error}; and the next {_SUBSTITUTES} kept samples fail too: the shards "
-                           f"in {self.index.folder} look damaged (open them with rehash=True to check every "
-                           "shard's digest)") from error
+        raise RuntimeError(
+            f"{error}; and the next {_SUBSTITUTES} kept samples fail too: the shards "
+            f"in {self.index.folder} look damaged (open them with rehash=True to check every "
+            "shard's digest)"
+        ) from error
 
     def state_dict(self, samples_in_epoch: int) -> dict[str, Any]:
         """A JSON-serialisable resume point: ``samples_in_epoch`` is how many samples this rank
@@ -252,11 +277,19 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
         epoch = self._current_epoch()
         total = len(self.rank_ids(epoch))
         if not 0 <= samples_in_epoch <= total:
-            raise ValueError(f"samples_in_epoch={samples_in_epoch} is invalid: epoch {epoch} serves "
-                             f"{total} samples per rank")
-        return {"format": STATE_FORMAT, "fingerprint": self.index.fingerprint["digest"], "epoch": epoch,
-                "samples_in_epoch": int(samples_in_epoch), "mask_crc": self._mask(epoch).crc,
-                "world_size": self.world_size, "seed": self.seed, "shuffle": self.shuffle}
+            raise ValueError(
+                f"samples_in_epoch={samples_in_epoch} is invalid: epoch {epoch} serves {total} samples per rank"
+            )
+        return {
+            "format": STATE_FORMAT,
+            "fingerprint": self.index.fingerprint["digest"],
+            "epoch": epoch,
+            "samples_in_epoch": int(samples_in_epoch),
+            "mask_crc": self._mask(epoch).crc,
+            "world_size": self.world_size,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at ``state``: the next ``start_epoch(state["epoch"])`` keeps its frozen mask and
@@ -265,20 +298,26 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a TEDWebDataset state: format={state.get('format')!r}, expected {STATE_FORMAT!r}")
         if state["fingerprint"] != self.index.fingerprint["digest"]:
-            raise ValueError(f"checkpoint was taken on dataset {state['fingerprint'][:12]}, these shards are "
-                             f"{self.index.fingerprint['digest'][:12]}")
+            raise ValueError(
+                f"checkpoint was taken on dataset {state['fingerprint'][:12]}, these shards are "
+                f"{self.index.fingerprint['digest'][:12]}"
+            )
         for key in ("world_size", "seed", "shuffle"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"checkpoint has {key}={state[key]!r}, this dataset {getattr(self, key)!r}: "
-                                 "the epoch order depends on it, so the resume would not be exact")
+                raise ValueError(
+                    f"checkpoint has {key}={state[key]!r}, this dataset {getattr(self, key)!r}: "
+                    "the epoch order depends on it, so the resume would not be exact"
+                )
         epoch = state["epoch"]
         mask = self.pruner.mask(epoch)
         # mask_crc None: a checkpoint taken at the start of an epoch not yet frozen (next_epoch_state)
         if state["mask_crc"] is not None and (mask is None or mask.crc != state["mask_crc"]):
             found = "no mask" if mask is None else f"mask CRC {mask.crc:#010x}"
-            raise ValueError(f"cannot resume epoch {epoch}: the checkpoint's keep-mask has CRC "
-                             f"{state['mask_crc']:#010x} but the table at {self.table_path} holds {found}; "
-                             "resume with the table saved alongside the checkpoint")
+            raise ValueError(
+                f"cannot resume epoch {epoch}: the checkpoint's keep-mask has CRC "
+                f"{state['mask_crc']:#010x} but the table at {self.table_path} holds {found}; "
+                "resume with the table saved alongside the checkpoint"
+            )
         self._resume = (epoch, int(state["samples_in_epoch"]))
         self._epoch = epoch
 
@@ -290,9 +329,11 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
     def check_world(self, rank: int, world_size: int) -> None:
         """ValueError unless the dataset deals its epochs to ``rank`` of ``world_size``."""
         if (self.rank, self.world_size) != (rank, world_size):
-            raise ValueError(f"TEDWebDataset(rank={self.rank}, world_size={self.world_size}) but the Trainer runs "
-                             f"rank {rank} of {world_size}: expected the same (create the dataset after "
-                             "TrainingArguments, which sets up torch.distributed, or pass rank= and world_size=)")
+            raise ValueError(
+                f"TEDWebDataset(rank={self.rank}, world_size={self.world_size}) but the Trainer runs "
+                f"rank {rank} of {world_size}: expected the same (create the dataset after "
+                "TrainingArguments, which sets up torch.distributed, or pass rank= and world_size=)"
+            )
 
     def _resume_offset(self, epoch: int) -> int:
         """Samples of ``epoch`` this rank consumed before a loaded checkpoint (0 without one)."""
@@ -318,8 +359,10 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
         """
         shards = len(self.index.shards)
         if shards < slots:
-            raise ValueError(f"{shards} shards cannot be dealt to {slots} ranks x workers: expected at least "
-                             "one shard per worker of every rank (use fewer workers or more shards)")
+            raise ValueError(
+                f"{shards} shards cannot be dealt to {slots} ranks x workers: expected at least "
+                "one shard per worker of every rank (use fewer workers or more shards)"
+            )
         order = np.arange(shards)
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch, 1]).permutation(shards)
@@ -335,10 +378,12 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
     def wds_shards(self) -> Callable[[], Iterator[dict[str, str]]]:
         """First stage of a webdataset pipeline: this rank's and worker's shards for the current
         epoch (see ``_slot_shards``), as ``{"url": path}``."""
+
         def source() -> Iterator[dict[str, str]]:
             slot, slots = self._slot()
             for s in self._slot_shards(self._current_epoch(), slots)[slot]:
                 yield {"url": os.path.join(self.index.folder, self.index.shards[s]["name"])}
+
         return source
 
     def wds_read(self) -> Callable[[Iterator[dict[str, str]]], Iterator[dict[str, Any]]]:
@@ -347,6 +392,7 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
         and yields them as webdataset's raw samples (``__key__``, ``__url__``, field bytes), in tar
         order. Follow it with ``wds_select()`` as usual. A corrupt sample is reported
         (CorruptSampleWarning) and skipped; ``wds_select`` pads the worker's count."""
+
         def read(sources: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
             keep = self._keep_bools(self._current_epoch())
             for source in sources:
@@ -362,6 +408,7 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
                     del raw["__shard__"]
                     raw["__url__"] = url
                     yield raw
+
         return read
 
     def wds_select(self) -> Callable[[Iterator[dict[str, Any]]], Iterator[dict[str, Any]]]:
@@ -374,6 +421,7 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
         memory, until its shards end). With ``webdataset.batched(b)`` every worker, so every rank,
         then forms the same number of batches (the last one partial unless ``partial=False``).
         """
+
         def select(samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
             epoch = self._current_epoch()
             keep = self._keep_bools(epoch)
@@ -387,8 +435,10 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
                 name = os.path.basename(sample["__url__"])
                 sample_id = self.index.sample_id(name, sample["__key__"])
                 if sample_id is None:
-                    raise ManifestError(f"shard {name} holds key {sample['__key__']!r}, which is not in the "
-                                        f"manifest of {self.index.folder}: re-run ted-stream index")
+                    raise ManifestError(
+                        f"shard {name} holds key {sample['__key__']!r}, which is not in the "
+                        f"manifest of {self.index.folder}: re-run ted-stream index"
+                    )
                 if not keep[sample_id]:
                     continue
                 sample["ted_id"], sample["ted_weight"] = sample_id, self._weight(epoch, sample_id)
@@ -397,13 +447,15 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
                 yield sample
                 served += 1
             if served < quota and not repeats:
-                raise RuntimeError(f"rank {self.rank}, worker slot {slot}: no kept sample was read from its "
-                                   f"shards in epoch {epoch}, so nothing to pad its {quota} samples with "
-                                   "(every one pruned or unreadable); use fewer workers or more shards")
+                raise RuntimeError(
+                    f"rank {self.rank}, worker slot {slot}: no kept sample was read from its "
+                    f"shards in epoch {epoch}, so nothing to pad its {quota} samples with "
+                    "(every one pruned or unreadable); use fewer workers or more shards"
+                )
             for i in range(quota - served):  # also covers samples a webdataset handler skipped
                 yield dict(repeats[i % len(repeats)])
-        return select
 
+        return select
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -416,7 +468,7 @@ class EpochSampler(torch.utils.data.Sampler):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         ds = self.dataset
         epoch = ds._current_epoch()
-        ids = ds.rank_ids(epoch)[ds._resume_offset(epoch):]
+        ids = ds.rank_ids(epoch)[ds._resume_offset(epoch) :]
         ds._resume = None  # consumed: the next pass over the loader is a new epoch's
         ds._served = epoch
         return ((epoch, int(i)) for i in ids)
@@ -440,8 +492,10 @@ class TEDWebLoader(torch.utils.data.DataLoader):
             raise TypeError(f"dataset is a {type(dataset).__name__}: expected a TEDWebDataset")
         fixed = sorted(k for k in ("batch_size", "sampler", "batch_sampler", "shuffle", "drop_last") if k in kwargs)
         if fixed:
-            raise ValueError(f"TEDWebLoader got {fixed}: expected none of them (the dataset's batch_size and "
-                             "sampler decide the order, and no kept sample is dropped)")
+            raise ValueError(
+                f"TEDWebLoader got {fixed}: expected none of them (the dataset's batch_size and "
+                "sampler decide the order, and no kept sample is dropped)"
+            )
         super().__init__(dataset, batch_size=dataset.batch_size, sampler=dataset.sampler, **kwargs)
         self._position: tuple[Optional[int], int] = (None, 0)  # (epoch, samples this rank took from it)
 
@@ -466,4 +520,3 @@ class TEDWebLoader(torch.utils.data.DataLoader):
         """Resume at ``state`` (see ``TEDWebDataset.load_state_dict``)."""
         self.dataset.load_state_dict(state)
         self._position = (None, 0)
-

@@ -14,6 +14,7 @@ at indexing time, so no later tool following the manifest can be led out of it.
 
 This module imports neither torch nor webdataset: ``ted-stream index`` stays light.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -62,7 +63,7 @@ def expand_braces(pattern: str) -> list[str]:
     m = re.search(r"\{([^{}]*)\}", pattern)
     if m is None:
         return [pattern]
-    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end():]
+    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end() :]
     rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
     if rng:
         lo, hi = rng.groups()
@@ -94,8 +95,10 @@ def resolve_shards(shards: Shards) -> tuple[str, list[str]]:
         raise ValueError("no shards given: expected a brace pattern, a list of .tar paths or a folder")
     folders = {os.path.dirname(os.path.abspath(p)) for p in paths}
     if len(folders) != 1:
-        raise ValueError(f"shards lie in {len(folders)} folders ({sorted(folders)[:3]}...): expected one "
-                         "folder, where the manifest and the score table live")
+        raise ValueError(
+            f"shards lie in {len(folders)} folders ({sorted(folders)[:3]}...): expected one "
+            "folder, where the manifest and the score table live"
+        )
     names = [os.path.basename(p) for p in paths]
     if len(set(names)) != len(names):
         raise ValueError(f"a shard is listed twice in {shards!r}")
@@ -105,11 +108,15 @@ def resolve_shards(shards: Shards) -> tuple[str, list[str]]:
 def _safe_member(shard: str, info: tarfile.TarInfo) -> None:
     name = info.name
     if name.startswith("/") or ".." in name.split("/") or os.path.isabs(name):
-        raise ValueError(f"shard {shard}: member {name!r} points outside the shard's folder; expected "
-                         "relative paths without '..' (refusing to index it)")
+        raise ValueError(
+            f"shard {shard}: member {name!r} points outside the shard's folder; expected "
+            "relative paths without '..' (refusing to index it)"
+        )
     if info.issym() or info.islnk():
-        raise ValueError(f"shard {shard}: member {name!r} is a link to {info.linkname!r}; expected "
-                         "regular files (links are never followed)")
+        raise ValueError(
+            f"shard {shard}: member {name!r} is a link to {info.linkname!r}; expected "
+            "regular files (links are never followed)"
+        )
 
 
 def _file_digest(path: str) -> str:
@@ -127,8 +134,10 @@ def index_shard(path: str) -> dict[str, Any]:
     with open(path, "rb") as f:
         magic = f.read(6)
     if magic.startswith(_COMPRESSED):
-        raise ValueError(f"shard {shard} is compressed: expected an uncompressed tar (sample offsets "
-                         "need random access; compress the members instead, e.g. .json.gz)")
+        raise ValueError(
+            f"shard {shard} is compressed: expected an uncompressed tar (sample offsets "
+            "need random access; compress the members instead, e.g. .json.gz)"
+        )
     st = os.stat(path)
     keys: list[str] = []
     spans: list[list[int]] = []
@@ -155,18 +164,30 @@ def index_shard(path: str) -> dict[str, Any]:
         raise ValueError(f"shard {shard} is not a readable tar file: {e}") from None
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
-        raise ValueError(f"shard {shard}: key {dup!r} appears in two places; expected each sample's "
-                         "members to be consecutive")
-    return {"name": shard, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _file_digest(path),
-            "keys": keys, "spans": spans, "members": members}
+        raise ValueError(
+            f"shard {shard}: key {dup!r} appears in two places; expected each sample's members to be consecutive"
+        )
+    return {
+        "name": shard,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "sha256": _file_digest(path),
+        "keys": keys,
+        "spans": spans,
+        "members": members,
+    }
 
 
 def index_shards(shards: Shards) -> str:
     """Index ``shards`` (see ``resolve_shards``) and write the manifest beside them; returns its path."""
     folder, names = resolve_shards(shards)
     entries = [index_shard(os.path.join(folder, n)) for n in names]
-    manifest = {"format": FORMAT, "version": VERSION, "num_samples": sum(len(e["keys"]) for e in entries),
-                "shards": entries}
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "num_samples": sum(len(e["keys"]) for e in entries),
+        "shards": entries,
+    }
     if manifest["num_samples"] == 0:
         raise ValueError(f"the shards in {folder} hold no samples")
     path = os.path.join(folder, MANIFEST)
@@ -197,17 +218,20 @@ class WdsIndex:
         for shard in self.shards:
             members = shard.pop("members")
             if len(members) != len(shard["keys"]) or len(shard["spans"]) != len(shard["keys"]):
-                raise ValueError(f"shard {shard['name']}: {len(shard['keys'])} keys but {len(shard['spans'])} "
-                                 f"spans and {len(members)} member lists")
+                raise ValueError(
+                    f"shard {shard['name']}: {len(shard['keys'])} keys but {len(shard['spans'])} "
+                    f"spans and {len(members)} member lists"
+                )
             width = max((len(m) for m in members), default=0)
             shard["spans"] = np.asarray(shard["spans"], np.int64).reshape(-1, 2)
-            shard["layout"] = np.array([seen.setdefault(tuple(f for f, _, _ in m), len(seen)) for m in members],
-                                       np.int32)
+            shard["layout"] = np.array(
+                [seen.setdefault(tuple(f for f, _, _ in m), len(seen)) for m in members], np.int32
+            )
             shard["offsets"] = np.zeros((len(members), width), np.int64)
             shard["sizes"] = np.zeros((len(members), width), np.int64)
             for j, m in enumerate(members):
-                shard["offsets"][j, :len(m)] = [o for _, o, _ in m]
-                shard["sizes"][j, :len(m)] = [n for _, _, n in m]
+                shard["offsets"][j, : len(m)] = [o for _, o, _ in m]
+                shard["sizes"][j, : len(m)] = [n for _, _, n in m]
         self._layouts: list[tuple[str, ...]] = sorted(seen, key=seen.__getitem__)
         counts = [len(s["keys"]) for s in self.shards]
         self.starts = [0]
@@ -216,12 +240,19 @@ class WdsIndex:
         self.num_samples = self.starts[-1]
         self._shard_number = {s["name"]: i for i, s in enumerate(self.shards)}
         self._keys: dict[str, dict[str, int]] = {}  # shard name -> key -> id, see sample_id
-        canon = json.dumps([{"shards": [[s["name"], len(s["keys"]), s["sha256"]] for s in self.shards]}],
-                           sort_keys=True, separators=(",", ":")).encode()
+        canon = json.dumps(
+            [{"shards": [[s["name"], len(s["keys"]), s["sha256"]] for s in self.shards]}],
+            sort_keys=True,
+            separators=(",", ":"),
+        ).encode()
         # Same shape as fingerprint.index_fingerprint, plus each shard's content digest: a shard
         # rewritten with the same sample count is another dataset.
-        self.fingerprint: dict[str, Any] = {"digest": hashlib.sha256(canon).hexdigest(), "num_streams": 1,
-                            "num_shards": len(self.shards), "num_samples": self.num_samples}
+        self.fingerprint: dict[str, Any] = {
+            "digest": hashlib.sha256(canon).hexdigest(),
+            "num_streams": 1,
+            "num_shards": len(self.shards),
+            "num_samples": self.num_samples,
+        }
 
     @classmethod
     def open(cls, shards: Shards, rehash: bool = False) -> WdsIndex:
@@ -237,8 +268,10 @@ class WdsIndex:
             with open(path) as f:
                 manifest = json.load(f)
         except FileNotFoundError:
-            raise ManifestError(f"no {MANIFEST} in {folder}: index the shards first "
-                                f"(ted-stream index '{os.path.join(folder, names[0])}' ...)") from None
+            raise ManifestError(
+                f"no {MANIFEST} in {folder}: index the shards first "
+                f"(ted-stream index '{os.path.join(folder, names[0])}' ...)"
+            ) from None
         except ValueError as e:
             raise ManifestError(f"{path} is not valid JSON ({e}); re-run ted-stream index") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
@@ -254,11 +287,15 @@ class WdsIndex:
         if added:
             raise ManifestError(f"shard(s) {added} in {folder} were added after indexing ({path}); {redo}")
         if removed:
-            raise ManifestError(f"shard(s) {removed} of {path} were removed or not given; expected all "
-                                f"{len(indexed)} indexed shards; {redo}")
+            raise ManifestError(
+                f"shard(s) {removed} of {path} were removed or not given; expected all "
+                f"{len(indexed)} indexed shards; {redo}"
+            )
         if names != indexed:
-            raise ManifestError(f"the shards are given in another order than indexed in {path}: sample ids "
-                                f"follow the indexed order {indexed[:3]}...; pass the same pattern")
+            raise ManifestError(
+                f"the shards are given in another order than indexed in {path}: sample ids "
+                f"follow the indexed order {indexed[:3]}...; pass the same pattern"
+            )
         for s in manifest["shards"]:
             st = os.stat(os.path.join(folder, s["name"]))
             why = f"{st.st_size} bytes, indexed with {s['size']}" if st.st_size != s["size"] else None
@@ -332,15 +369,15 @@ class WdsIndex:
         for field, offset, size in self.members(sample_id):
             at = offset - start
             try:
-                info = tarfile.TarInfo.frombuf(buf[at - _BLOCK: at], "utf-8", "surrogateescape")
+                info = tarfile.TarInfo.frombuf(buf[at - _BLOCK : at], "utf-8", "surrogateescape")
             except tarfile.HeaderError as e:
                 raise CorruptSample(name, key, sample_id, f"member {field!r}: bad tar header ({e})") from None
             if info.size != size:
-                raise CorruptSample(name, key, sample_id,
-                                    f"member {field!r}: header says {info.size} bytes, the manifest {size}")
-            sample[field] = buf[at: at + size]
+                raise CorruptSample(
+                    name, key, sample_id, f"member {field!r}: header says {info.size} bytes, the manifest {size}"
+                )
+            sample[field] = buf[at : at + size]
         return sample
-
 
 
 def write_shards(samples: Iterable[dict[str, Any]], out: str, shard_bytes: int = 1 << 28) -> int:
@@ -361,8 +398,10 @@ def write_shards(samples: Iterable[dict[str, Any]], out: str, shard_bytes: int =
             sample = dict(sample)
             key = str(sample.pop("__key__", f"{count:09d}"))
             if not re.fullmatch(r"[^./\\\x00]+", key):
-                raise ValueError(f"sample {count}: __key__={key!r} is not a plain name; expected no '/', "
-                                 "'\\', '.' or '..' (a member must stay inside its shard's folder)")
+                raise ValueError(
+                    f"sample {count}: __key__={key!r} is not a plain name; expected no '/', "
+                    "'\\', '.' or '..' (a member must stay inside its shard's folder)"
+                )
             data = json.dumps(sample, separators=(",", ":")).encode()
             if tar is None or tar.fileobj.tell() + len(data) > shard_bytes:
                 if tar is not None:
@@ -389,7 +428,6 @@ def write_shards(samples: Iterable[dict[str, Any]], out: str, shard_bytes: int =
     return count
 
 
-
 def prepare_shards(samples: Iterable[dict[str, Any]], out: str, shard_bytes: int = 1 << 28) -> int:
     """``write_shards`` plus an empty score table in ``out/ted`` (what ``ted-stream prepare
     --format wds`` does). Returns the sample count."""
@@ -405,5 +443,7 @@ def index_command(args: Sequence[str]) -> str:
     shards: Shards = args[0] if len(args) == 1 else [p for a in args for p in expand_braces(a)]
     path = index_shards(shards)
     index = WdsIndex.open(shards)
-    return (f"indexed {index.num_samples} samples in {len(index.shards)} shards: {path} "
-            f"(fingerprint {index.fingerprint['digest'][:12]})")
+    return (
+        f"indexed {index.num_samples} samples in {len(index.shards)} shards: {path} "
+        f"(fingerprint {index.fingerprint['digest'][:12]})"
+    )
