@@ -93,6 +93,9 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
         sample_filter: optional static filter applied to every epoch: a keep-list of global
             sample ids, or a predicate ``fn(sample) -> bool`` evaluated once (cached beside the
             table). Pruning then acts on the samples it keeps.
+        implicit_pruning: whether an epoch without ``start_epoch`` is pruned from the table file
+            (the scores an earlier run or another process saved there); default True, and
+            logged once per epoch with what it prunes and why. False iterates such epochs whole.
 
     Each sample gains ``ted_id`` (its global sample id, the key for ``record``) and
     ``ted_weight`` (its loss weight this epoch: 1 unless the policy rescales).
@@ -105,9 +108,13 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
         table_dir: Optional[str] = None,
         groups: Any = None,
         sample_filter: Optional[sample_filters.SampleFilter] = None,
+        implicit_pruning: bool = True,
         **kwargs: Any,
     ) -> None:
         ted = as_config(ted)
+        if not isinstance(implicit_pruning, bool):
+            raise ValueError(f"implicit_pruning={implicit_pruning!r} is invalid: expected True or False")
+        self._implicit_pruning = implicit_pruning
         with _local_world_size_from_deepspeed():
             _init_upstream(self, kwargs)
         self.ted = ted
@@ -209,8 +216,16 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
         if disk is None:
             return None
         mask = self.table.masks.get(epoch, self._implicit.get(epoch))
-        if mask is None and pruned_fraction(self.ted, epoch) > 0 and disk.scored.any():
+        if mask is None and self._implicit_pruning and pruned_fraction(self.ted, epoch) > 0 and disk.scored.any():
             mask = self._implicit[epoch] = self._select(disk, epoch)
+            if get_worker_info() is None and mask.kept < self.num_samples:  # once per epoch, not per worker
+                logger.warning(
+                    "epoch %d: pruning %d of %d samples without start_epoch(%d): the score table %s holds "
+                    "scores (%d samples scored), so the %s policy prunes this epoch from them. Pass "
+                    "implicit_pruning=False to iterate such epochs whole, or give this run another table_dir",
+                    epoch, self.num_samples - mask.kept, self.num_samples, epoch, self.table_path,
+                    int(np.count_nonzero(disk.scored)), self.ted.policy,
+                )
         return mask
 
     def _select(self, table: ScoreTable, epoch: int) -> EpochMask:
@@ -362,8 +377,9 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
         return self.rank_samples(self._epoch if self._epoch is not None else self.next_epoch)
 
     def rank_samples(self, epoch: int) -> int:
-        """Samples per rank in ``epoch``; upstream's length while it skips nothing."""
-        if epoch not in self.table.masks and self._filter is None:
+        """Samples per rank in ``epoch`` (its frozen mask, or the one it will be pruned by without
+        ``start_epoch``); upstream's length while it skips nothing."""
+        if self._filter is None and self._mask_for(epoch) is None:
             return self.length
         if epoch not in self._kept_sizes:
             self._kept_sizes[epoch] = len(self.resample_streams(epoch)[1])
