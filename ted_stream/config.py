@@ -64,7 +64,8 @@ class TEDConfig:
         both at random; with ``rescale`` each side's kept samples are weighted by its size / its
         kept count (inverse inclusion probabilities). alpha = 1 prunes only from the pool;
         alpha = 0 prunes every candidate with the same probability: random pruning at the same
-        loss scale, so the score decides how far a mask departs from random.
+        loss scale, so the score decides how far a mask departs from random. Default 0.5, the
+        best measured in the issue-23 grids (docs/quality.md).
     trim_top: share of each epoch's pruned count taken from the *highest* scores (outliers,
         likely label noise) instead of the lowest; 0 prunes only from the bottom.
     monotone: once pruned, a sample stays pruned (otherwise re-selected every epoch).
@@ -84,7 +85,7 @@ class TEDConfig:
     policy: str = "ted"
     ema: float = 0.5
     explore: float = 0.5
-    alpha: float = 1.0
+    alpha: float = 0.5
     trim_top: float = 0.0
     monotone: bool = False
     rescale: bool = True

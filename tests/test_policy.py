@@ -1,13 +1,17 @@
+import functools
 import warnings
 
 import numpy as np
 import pytest
 
-from ted_stream import TEDConfig
+from ted_stream import TEDConfig as _TEDConfig
 from ted_stream.policy import PruningWarning, pool_size, select
 from ted_stream.table import ScoreTable, f32_to_bf16
 
 FP = {"digest": "c" * 64}
+# These tests pin the pool rule (alpha = 1) and the draws the quality grids made with it; the
+# default alpha and the family between random and the pool are tested on their own below.
+TEDConfig = functools.partial(_TEDConfig, alpha=1.0)
 
 
 def table(n=1000, scored=None, seed=0):
@@ -332,6 +336,10 @@ def test_pool_share(k, pool, candidates, alpha, expected):
     from ted_stream.policy import pool_share
 
     assert pool_share(k, pool, candidates, alpha) == expected
+
+
+def test_the_default_alpha_is_the_measured_one():
+    assert _TEDConfig().alpha == 0.5  # docs/quality.md: chosen from the issue-23 grids
 
 
 def test_alpha_is_validated():
