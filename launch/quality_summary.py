@@ -22,6 +22,7 @@ TASKS = {
     "Rotten Tomatoes (frozen MiniLM features)": ("quality_rotten-23_results.jsonl", {}),
     "News outlets (underfit)": ("quality_news-23_results.jsonl", {}),
     "Fashion-MNIST (20k images)": ("quality_fashion20k-23_results.jsonl", {}),
+    "Rotten Tomatoes, MiniLM top-layer fine-tune (4k snippets)": ("quality_rotten-ft4k-23_results.jsonl", {}),
     "Causal-LM fine-tune (tiny Llama, news)": ("quality_lmft_results.jsonl", {
         "all data": "full", "ted default": "ted (d, explore 0.5)",
         "ted (alpha 0.5)": "ted (d, explore 0.5, alpha 0.5)"}),
