@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from math import ceil
 from typing import Any, Optional, Union
@@ -36,20 +34,12 @@ from . import dist
 from .config import scorer_settings
 from .scorer import Scores, TaylorScorer
 from .source import PruningSource, require_source
+from .table import copy_atomic
 
 TABLE_FILE = "ted_table.tedt"  # the table as of a checkpoint, inside the checkpoint folder
 STATE_VERSION = 1
 
 log = logging.getLogger(__name__)
-
-
-def copy_shared(src: str, dst: str) -> None:
-    """Copy ``src`` to ``dst`` through a temporary and a rename (a reader sees the old file or the
-    new one). Every node's leader may write the same ``dst`` on a shared folder, and pids repeat
-    across containers: the temporary is named by a uuid."""
-    tmp = f"{dst}.tmp-{uuid.uuid4().hex}"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def deepspeed_loss_scale(engine: Any) -> Union[float, Tensor]:
@@ -293,7 +283,7 @@ class TEDProtocol:
         self.dataset.save_table()
         if self.dataset.pruner.leader:
             os.makedirs(folder, exist_ok=True)
-            copy_shared(self.dataset.table_path, os.path.join(folder, TABLE_FILE))
+            copy_atomic(self.dataset.table_path, os.path.join(folder, TABLE_FILE))
         return self.state_dict(loader, skip_finished_epoch=skip_finished_epoch)
 
     def state_dict(self, loader: Any = None, *, skip_finished_epoch: bool = False) -> dict[str, Any]:

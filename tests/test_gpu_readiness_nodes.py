@@ -14,7 +14,8 @@ import torch
 from conftest import make_corpus
 from ted_stream import TEDConfig, TEDStreamingDataset
 from ted_stream import dist as ted_dist
-from ted_stream.protocol import TABLE_FILE, TEDProtocol, copy_shared
+from ted_stream.protocol import TABLE_FILE, TEDProtocol
+from ted_stream.table import copy_atomic
 from ted_stream.table import FILENAME, ScoreTable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,8 +96,8 @@ def test_two_writers_of_one_checkpoint_copy_with_the_same_pid(tmp_path, monkeypa
         real_copy(a, b)
         if not racing:  # the other leader runs its whole copy between this one's write and rename
             racing.append(b)
-            copy_shared(str(src), str(dst))
+            copy_atomic(str(src), str(dst))
 
     monkeypatch.setattr(shutil, "copyfile", copy_while_the_other_node_copies)
-    copy_shared(str(src), str(dst))
+    copy_atomic(str(src), str(dst))
     assert dst.read_bytes() == b"the table" and os.listdir(dst.parent) == [TABLE_FILE]

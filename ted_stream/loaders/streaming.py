@@ -223,8 +223,13 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
                     "epoch %d: pruning %d of %d samples without start_epoch(%d): the score table %s holds "
                     "scores (%d samples scored), so the %s policy prunes this epoch from them. Pass "
                     "implicit_pruning=False to iterate such epochs whole, or give this run another table_dir",
-                    epoch, self.num_samples - mask.kept, self.num_samples, epoch, self.table_path,
-                    int(np.count_nonzero(disk.scored)), self.ted.policy,
+                    epoch,
+                    self.num_samples - mask.kept,
+                    self.num_samples,
+                    epoch,
+                    self.table_path,
+                    int(np.count_nonzero(disk.scored)),
+                    self.ted.policy,
                 )
         return mask
 
