@@ -53,7 +53,8 @@ def test_pruned_ids_never_yielded_and_kept_ids_once(corpus):
 
 
 def test_samples_keep_their_columns_and_weights(corpus):
-    cfg = TEDConfig(target=0.5, warmup_epochs=1, ramp_epochs=0, explore=0.5, rescale=True, max_weight=2.0)
+    # alpha 1: the kept pool weighs pool / kept (here 2), the rest 1
+    cfg = TEDConfig(target=0.5, warmup_epochs=1, ramp_epochs=0, explore=0.5, alpha=1.0, rescale=True, max_weight=2.0)
     ds = dataset(corpus, cfg)
     score_everything(ds)
     mask = ds.start_epoch(1)
