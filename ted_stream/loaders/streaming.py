@@ -384,8 +384,12 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
     def rank_samples(self, epoch: int) -> int:
         """Samples per rank in ``epoch`` (its frozen mask, or the one it will be pruned by without
         ``start_epoch``); upstream's length while it skips nothing."""
-        if self._filter is None and self._mask_for(epoch) is None:
-            return self.length
+        if epoch in self._kept_sizes:  # len() is asked often: read the table file once per epoch
+            return ceil(self._kept_sizes[epoch] / self.num_ranks)
+        if self._filter is None and epoch not in self.table.masks:
+            implicit = self._implicit_pruning and pruned_fraction(self.ted, epoch) > 0
+            if not implicit or self._mask_for(epoch) is None:  # the drop-in case reads no file
+                return self.length
         if epoch not in self._kept_sizes:
             self._kept_sizes[epoch] = len(self.resample_streams(epoch)[1])
         return ceil(self._kept_sizes[epoch] / self.num_ranks)
