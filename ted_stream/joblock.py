@@ -8,6 +8,7 @@ it, two hosts are not kept apart (docs/reliability.md).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -32,7 +33,13 @@ def claim(folder: str, owner: Any) -> None:
     path = os.path.realpath(os.path.join(folder, LOCKNAME))
     key = (os.getpid(), path)
     if key not in _HELD:
-        _HELD[key] = [_acquire(path, folder), 0]
+        try:
+            fd = _acquire(path, folder)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            return  # a folder this job cannot write holds no lock: no job can save a table there
+        _HELD[key] = [fd, 0]
     _HELD[key][1] += 1
     weakref.finalize(owner, _release, key)
 

@@ -53,3 +53,22 @@ def test_the_lock_goes_with_the_last_dataset_of_the_process(corpus, monkeypatch)
     other = hold(corpus)  # another process can take the folder once this one let go of it
     other.send_signal(signal.SIGTERM)
     other.wait()
+
+
+def test_a_folder_this_job_cannot_write_is_read_without_a_lock(tmp_path, monkeypatch):
+    import errno
+
+    real_open = os.open
+
+    def read_only(path, *a, **k):
+        if str(path).endswith(joblock.LOCKNAME):
+            raise OSError(errno.EROFS, "Read-only file system", path)
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(os, "open", read_only)
+    folder = tmp_path / "ro"
+    joblock.claim(str(folder), object.__new__(type("Owner", (), {})))
+    assert not [k for k in joblock._HELD if k[1].startswith(str(folder))]
+    monkeypatch.setattr(os, "open", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    with pytest.raises(OSError, match="full"):  # any other failure is not swallowed
+        joblock.claim(str(tmp_path / "other"), object.__new__(type("Owner", (), {})))
