@@ -127,6 +127,20 @@ def _file_digest(path: str) -> str:
     return h.hexdigest()
 
 
+def _check_complete(path: str, end: int, samples: int) -> None:
+    """ValueError unless tar's end-of-archive marker (a zero block) follows the last member: a
+    copy cut at a member boundary reads as a valid, shorter tar, and would index silently."""
+    with open(path, "rb") as f:
+        marker = os.pread(f.fileno(), _BLOCK, end)
+    if marker != bytes(_BLOCK):
+        found = f"{len(marker)} bytes" if len(marker) < _BLOCK else "a non-zero block"
+        raise ValueError(
+            f"shard {os.path.basename(path)} is truncated or damaged: after its last readable member "
+            f"(byte {end}, {samples} samples) it holds {found} where tar's end-of-archive marker (a "
+            "zero block) was expected; copy or write the shard again, then index it"
+        )
+
+
 def index_shard(path: str) -> dict[str, Any]:
     """One shard's manifest entry: size, mtime, SHA-256, and per sample its key, byte span and
     members ``[field, data offset, data size]`` (offsets absolute in the shard)."""
@@ -160,8 +174,10 @@ def index_shard(path: str) -> dict[str, Any]:
                     raise ValueError(f"shard {shard}: key {key!r} has two {field!r} members")
                 spans[-1][1] = info.offset_data + info.size
                 members[-1].append([field, info.offset_data, info.size])
+            end = tar.offset  # where the next header would start: the end-of-archive marker's place
     except tarfile.TarError as e:
         raise ValueError(f"shard {shard} is not a readable tar file: {e}") from None
+    _check_complete(path, end, len(keys))
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
         raise ValueError(
@@ -178,13 +194,17 @@ def index_shard(path: str) -> dict[str, Any]:
     }
 
 
-def index_shards(shards: Shards) -> str:
-    """Index ``shards`` (see ``resolve_shards``) and write the manifest beside them; returns its path."""
+def index_shards(shards: Shards, home: Optional[str] = None) -> str:
+    """Index ``shards`` (see ``resolve_shards``) and write the manifest beside them; returns its path.
+
+    The manifest records the shards' folder, or ``home`` when they are indexed before being moved
+    there (``write_shards``), so that a manifest copied to other shards is named as such."""
     folder, names = resolve_shards(shards)
     entries = [index_shard(os.path.join(folder, n)) for n in names]
     manifest = {
         "format": FORMAT,
         "version": VERSION,
+        "folder": os.path.abspath(home or folder),
         "num_samples": sum(len(e["keys"]) for e in entries),
         "shards": entries,
     }
@@ -277,34 +297,19 @@ class WdsIndex:
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
             raise ManifestError(f"{path} is not a version-{VERSION} {FORMAT} manifest; re-run ted-stream index")
         try:
-            indexed = [s["name"] for s in manifest["shards"]]
             index = cls(folder, manifest)
         except (KeyError, TypeError, ValueError) as e:
             raise ManifestError(f"{path} is malformed ({type(e).__name__}: {e}); re-run ted-stream index") from None
-        added = [n for n in names if n not in indexed]
-        removed = [n for n in indexed if n not in names or not os.path.exists(os.path.join(folder, n))]
-        redo = "re-run ted-stream index (a new index starts a new score table)"
-        if added:
-            raise ManifestError(f"shard(s) {added} in {folder} were added after indexing ({path}); {redo}")
-        if removed:
+        try:
+            _check_shards(folder, names, manifest["shards"], path, rehash)
+        except ManifestError as e:
+            home = manifest.get("folder")  # absent in manifests written before it was recorded
+            if home is None or home == folder:
+                raise
             raise ManifestError(
-                f"shard(s) {removed} of {path} were removed or not given; expected all "
-                f"{len(indexed)} indexed shards; {redo}"
-            )
-        if names != indexed:
-            raise ManifestError(
-                f"the shards are given in another order than indexed in {path}: sample ids "
-                f"follow the indexed order {indexed[:3]}...; pass the same pattern"
-            )
-        for s in manifest["shards"]:
-            st = os.stat(os.path.join(folder, s["name"]))
-            why = f"{st.st_size} bytes, indexed with {s['size']}" if st.st_size != s["size"] else None
-            if why is None and (rehash or st.st_mtime_ns != s["mtime_ns"]):
-                # A copy (another node's cache) has a new mtime but the same bytes: only the digest decides.
-                if _file_digest(os.path.join(folder, s["name"])) != s["sha256"]:
-                    why = f"same size, but its SHA-256 differs from the indexed {s['sha256'][:12]}"
-            if why is not None:
-                raise ManifestError(f"shard {s['name']} in {folder} changed after indexing ({why}); {redo}")
+                f"{path} indexes the shards in {home}, not these in {folder} (a manifest copied from "
+                f"another folder? first difference: {e}); index these shards: ted-stream index {folder}"
+            ) from None
         return index
 
     def locate(self, sample_id: int) -> tuple[int, int]:
@@ -380,6 +385,35 @@ class WdsIndex:
         return sample
 
 
+def _check_shards(folder: str, names: list[str], indexed_shards: list[dict[str, Any]], path: str, rehash: bool) -> None:
+    """ManifestError naming the first shard added, removed, reordered or changed since indexing."""
+    indexed = [s["name"] for s in indexed_shards]
+    added = [n for n in names if n not in indexed]
+    removed = [n for n in indexed if n not in names or not os.path.exists(os.path.join(folder, n))]
+    redo = "re-run ted-stream index (a new index starts a new score table)"
+    if added:
+        raise ManifestError(f"shard(s) {added} in {folder} were added after indexing ({path}); {redo}")
+    if removed:
+        raise ManifestError(
+            f"shard(s) {removed} of {path} were removed or not given; expected all "
+            f"{len(indexed)} indexed shards; {redo}"
+        )
+    if names != indexed:
+        raise ManifestError(
+            f"the shards are given in another order than indexed in {path}: sample ids "
+            f"follow the indexed order {indexed[:3]}...; pass the same pattern"
+        )
+    for s in indexed_shards:
+        st = os.stat(os.path.join(folder, s["name"]))
+        why = f"{st.st_size} bytes, indexed with {s['size']}" if st.st_size != s["size"] else None
+        if why is None and (rehash or st.st_mtime_ns != s["mtime_ns"]):
+            # A copy (another node's cache) has a new mtime but the same bytes: only the digest decides.
+            if _file_digest(os.path.join(folder, s["name"])) != s["sha256"]:
+                why = f"same size, but its SHA-256 differs from the indexed {s['sha256'][:12]}"
+        if why is not None:
+            raise ManifestError(f"shard {s['name']} in {folder} changed after indexing ({why}); {redo}")
+
+
 def write_shards(samples: Iterable[dict[str, Any]], out: str, shard_bytes: int = 1 << 28) -> int:
     """Write ``samples`` as uncompressed tar shards ``shard-000000.tar``, ... into ``out`` (absent
     or empty) and index them; returns the sample count. Each sample is one ``<key>.json`` member;
@@ -416,7 +450,7 @@ def write_shards(samples: Iterable[dict[str, Any]], out: str, shard_bytes: int =
             tar.close()
         if count == 0:
             raise ValueError("the corpus has no samples")
-        index_shards(tmp)
+        index_shards(tmp, home=out)
         if os.path.isdir(out):
             os.rmdir(out)  # empty, checked above
         os.rename(tmp, out)  # file mtimes survive the rename: the manifest stays valid
