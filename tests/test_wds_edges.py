@@ -6,9 +6,12 @@ import os
 import shutil
 import tarfile
 
+import numpy as np
 import pytest
+from torch.utils.data import DataLoader
 
-from test_wds import PER_SHARD, write_tars
+from test_wds import BATCH, N, PER_SHARD, dataset, shards, write_tars  # noqa: F401 (shards: a fixture)
+from ted_stream.loaders.wds_state import KEEP, STATES
 from ted_stream.loaders.wds_index import MANIFEST, ManifestError, WdsIndex, index_shards, prepare_shards
 
 
@@ -59,3 +62,60 @@ def test_prepared_shards_record_their_final_folder(tmp_path):
     prepare_shards(({"x": i} for i in range(10)), str(tmp_path / "out"))
     with open(tmp_path / "out" / MANIFEST) as f:
         assert json.load(f)["folder"] == str(tmp_path / "out")
+
+
+# ---- the table travels with the saved state ---------------------------------------------------
+def _scores(ids, epoch):
+    """Deterministic per-sample scores that change every epoch: both runs record the same values."""
+    return np.cos(np.asarray(ids) * 1.7 + epoch)
+
+
+def _run(ds, epochs, stop=None):
+    """A plain loop (docs/webdataset.md's first example): ``stop=(epoch, step, then)`` takes the
+    state after that step, then ``then`` is "kill" (the process dies) or "went on" (it finishes
+    the epoch, saves the table and dies). Returns the state, or each epoch's served ids."""
+    served = []
+    for epoch in epochs:
+        ds.start_epoch(epoch)
+        served.append([])
+        state = None
+        for step, batch in enumerate(DataLoader(ds, batch_size=BATCH, sampler=ds.sampler)):
+            ds.record(batch["ted_id"], _scores(batch["ted_id"], epoch))
+            served[-1] += batch["ted_id"].tolist()
+            if stop is not None and stop[:2] == (epoch, step):
+                state = json.dumps(ds.state_dict(samples_in_epoch=(step + 1) * BATCH))
+                if stop[2] == "kill":
+                    return state
+        if state is not None:
+            ds.save_table()
+            return state
+    return served
+
+
+@pytest.mark.parametrize("then", ["kill", "went on"])
+def test_a_resumed_plain_loop_prunes_the_next_epoch_as_the_uninterrupted_one(shards, tmp_path, then):
+    full = _run(dataset(shards, table_dir=str(tmp_path / "full")), range(3))
+    state = _run(dataset(shards, table_dir=str(tmp_path / "cut")), range(2), stop=(1, 14, then))
+    resumed = dataset(shards, table_dir=str(tmp_path / "cut"))  # a fresh process: only the state
+    resumed.load_state_dict(json.loads(state))
+    rest = _run(resumed, range(1, 3))
+    assert rest[0] == full[1][15 * BATCH:]  # epoch 1 goes on right after the state
+    assert 0 < len(rest[1]) < N and rest[1] == full[2]  # epoch 2 prunes (and orders) the same set
+
+
+def test_a_state_whose_table_copy_is_gone_says_what_to_keep(shards, tmp_path):
+    state = json.loads(_run(dataset(shards, table_dir=str(tmp_path / "t")), range(2), stop=(1, 2, "went on")))
+    os.unlink(tmp_path / "t" / state["table"]["file"])
+    with pytest.raises(FileNotFoundError, match=r"the state was taken with the score table .*/t/states/table-"
+                                                r"[0-9a-f]{16}.tedt \(digest [0-9a-f]{16}\), which is missing"):
+        dataset(shards, table_dir=str(tmp_path / "t")).load_state_dict(state)
+
+
+def test_table_copies_are_shared_by_content_and_bounded(shards, tmp_path):
+    ds = dataset(shards, table_dir=str(tmp_path / "t"))
+    ds.start_epoch(0)
+    assert ds.state_dict(0)["table"] == ds.state_dict(0)["table"]  # nothing recorded between: one copy
+    for i in range(KEEP + 3):
+        ds.record([i], [float(i)])
+        ds.state_dict(0)
+    assert len(os.listdir(tmp_path / "t" / STATES)) == KEEP

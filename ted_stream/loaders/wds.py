@@ -38,6 +38,7 @@ from ..policy import select
 from ..pruner import HasPruner, Pruner, as_config
 from ..table import FILENAME, EpochMask
 from .wds_index import CorruptSample, ManifestError, Shards, WdsIndex
+from .wds_state import KEEP, keep_snapshot, snapshot_name, table_digest
 
 STATE_FORMAT = "ted_stream/wds-state"
 _SUBSTITUTES = 16  # kept samples tried in place of a corrupt one before giving up
@@ -273,7 +274,11 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
 
     def state_dict(self, samples_in_epoch: int) -> dict[str, Any]:
         """A JSON-serialisable resume point: ``samples_in_epoch`` is how many samples this rank
-        has taken from its loader in the current epoch (the same on every rank)."""
+        has taken from its loader in the current epoch (the same on every rank).
+
+        It carries the score table: the table is saved with every rank's scores so far (a
+        collective, as ``save_table``) and copied beside it (see ``wds_state``); the state names
+        that copy, which ``load_state_dict`` makes the live table again."""
         epoch = self._current_epoch()
         total = len(self.rank_ids(epoch))
         if not 0 <= samples_in_epoch <= total:
@@ -289,12 +294,36 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
             "world_size": self.world_size,
             "seed": self.seed,
             "shuffle": self.shuffle,
+            "table": self._table_snapshot(),
         }
+
+    def _table_snapshot(self) -> dict[str, str]:
+        self.save_table()  # the scores recorded so far decide the next masks: they go with the state
+        digest = table_digest(self.table)
+        if self.pruner.leader:
+            keep_snapshot(self.table_path, digest)
+        return {"digest": digest, "file": snapshot_name(digest)}
+
+    def _restore_table(self, saved: dict[str, str]) -> None:
+        """Make the table the state was taken with the live one, unless it already is."""
+        live = table_digest(self.table)
+        if live == saved["digest"]:
+            return
+        path = os.path.join(os.path.dirname(self.table_path), saved["file"])
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"the state was taken with the score table {path} (digest {saved['digest']}), which is "
+                f"missing, and the live table {self.table_path} holds other scores (digest {live}): "
+                f"expected that copy (keep the table folder with the states; it keeps the newest {KEEP}), "
+                "or load the checkpoint's own copy with load_table() before load_state_dict()"
+            )
+        self.load_table(path)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at ``state``: the next ``start_epoch(state["epoch"])`` keeps its frozen mask and
-        the sampler skips what was consumed. Refuses another dataset, another order (world size,
-        seed, shuffle) or a table whose mask of that epoch differs."""
+        the sampler skips what was consumed; the table the state was taken with becomes the live
+        one (a collective when it is not already). Refuses another dataset, another order (world
+        size, seed, shuffle) or a table whose mask of that epoch differs."""
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a TEDWebDataset state: format={state.get('format')!r}, expected {STATE_FORMAT!r}")
         if state["fingerprint"] != self.index.fingerprint["digest"]:
@@ -308,6 +337,8 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
                     f"checkpoint has {key}={state[key]!r}, this dataset {getattr(self, key)!r}: "
                     "the epoch order depends on it, so the resume would not be exact"
                 )
+        if "table" in state:  # absent in states saved before they carried the table
+            self._restore_table(state["table"])
         epoch = state["epoch"]
         mask = self.pruner.mask(epoch)
         # mask_crc None: a checkpoint taken at the start of an epoch not yet frozen (next_epoch_state)
