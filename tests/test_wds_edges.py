@@ -2,16 +2,20 @@
 that travels with the saved state, the streaming path's real saving, shard dealing, and an index
 that names truncated shards and manifests copied from another folder."""
 import json
+import logging
 import os
 import shutil
 import tarfile
+import warnings
 
 import numpy as np
 import pytest
+import webdataset as wds
 from torch.utils.data import DataLoader
 
-from test_wds import BATCH, N, PER_SHARD, dataset, shards, write_tars  # noqa: F401 (shards: a fixture)
+from test_wds import BATCH, N, PER_SHARD, dataset, scored, shards, stream_epoch, write_tars  # noqa: F401 (shards: a fixture)
 from ted_stream.loaders.wds_state import KEEP, STATES
+from ted_stream.loaders.wds_stream import REPEAT_WARNING_SHARE, RepeatWarning
 from ted_stream.loaders.wds_index import MANIFEST, ManifestError, WdsIndex, index_shards, prepare_shards
 
 
@@ -119,3 +123,69 @@ def test_table_copies_are_shared_by_content_and_bounded(shards, tmp_path):
         ds.record([i], [float(i)])
         ds.state_dict(0)
     assert len(os.listdir(tmp_path / "t" / STATES)) == KEEP
+
+
+# ---- the streaming path: its real saving, and shard dealing -----------------------------------
+def _streamed(ds, workers):
+    """Samples this rank's streaming pipeline serves in the current epoch."""
+    return sum(len(ids) for ids, _, _ in stream_epoch(ds, workers=workers))
+
+
+def test_streaming_figures_count_the_repeats(shards):
+    scored(shards)
+    ranks = [dataset(shards, rank=r, world_size=2, decode=None) for r in range(2)]
+    for ds in ranks:
+        ds.start_epoch(1)
+    stats = ranks[0].wds_stats(num_workers=2)
+    kept = len(ranks[0].kept_ids(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RepeatWarning)  # raised in the workers; its test is below
+        served = sum(_streamed(ds, workers=2) for ds in ranks)
+    assert stats["slots"] == 4 and stats["kept"] == kept and stats["served"] == served > kept
+    assert stats["repeats"] == served - kept
+    assert stats["saved"] == pytest.approx(1 - served / N) and stats["saved_by_mask"] == pytest.approx(1 - kept / N)
+    assert stats == ranks[1].wds_stats(num_workers=2)  # the same figures on every rank
+
+
+def test_streaming_warns_once_per_epoch_when_repeats_undo_the_saving(shards):
+    scored(shards)
+    ds = dataset(shards, rank=0, world_size=4, decode=None)  # 4 slots over 6 shards: 2, 2, 1, 1
+    ds.start_epoch(1)
+    stats = ds.wds_stats(num_workers=0)
+    assert stats["repeats"] > REPEAT_WARNING_SHARE * (N - stats["kept"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _streamed(ds, workers=0)
+        _streamed(ds, workers=0)  # the same epoch again: no second report
+    repeats = [str(w.message) for w in caught if w.category is RepeatWarning]
+    assert len(repeats) == 1
+    assert (f"epoch 1, streaming path: {stats['served']} samples served for {stats['kept']} kept of {N} "
+            f"({stats['repeats']} repeats equalise 4 ranks x workers): {stats['saved']:.1%} saved, "
+            f"{stats['saved_by_mask']:.1%} by the mask; the repeats undo") in repeats[0]
+    assert "more than 10%" in repeats[0]
+
+
+def test_streaming_logs_its_figures_without_warning_when_repeats_are_few(shards, caplog):
+    scored(shards)
+    ds = dataset(shards, rank=0, world_size=2, decode=None)  # 3 shards per slot: counts close
+    ds.start_epoch(1)
+    stats = ds.wds_stats(num_workers=0)
+    assert stats["repeats"] <= REPEAT_WARNING_SHARE * (N - stats["kept"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RepeatWarning)
+        with caplog.at_level(logging.INFO, logger="ted_stream.wds"):
+            _streamed(ds, workers=0)
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["epoch 1, streaming path"]
+    assert f"{stats['saved']:.1%} saved" in caplog.records[0].getMessage()
+
+
+def test_select_without_shard_dealing_is_refused(shards):
+    scored(shards)
+    ds = dataset(shards, rank=0, world_size=2, decode=None)
+    ds.start_epoch(1)
+    urls = [os.path.join(ds.index.folder, s["name"]) for s in ds.index.shards]
+    pipe = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), ds.wds_select(), wds.batched(BATCH))
+    with pytest.raises(RuntimeError, match=r"wds_select\(\): rank 0, worker slot 0 of 2 read shard data-\d+.tar, "
+                                           r"which is not among the shards wds_shards\(\) deals it in epoch 1 "
+                                           r"\(\['data-.*'\]\): expected ds.wds_shards\(\) as the pipeline's first stage"):
+        list(pipe)

@@ -39,6 +39,7 @@ from ..pruner import HasPruner, Pruner, as_config
 from ..table import FILENAME, EpochMask
 from .wds_index import CorruptSample, ManifestError, Shards, WdsIndex
 from .wds_state import KEEP, keep_snapshot, snapshot_name, table_digest
+from .wds_stream import report, stream_stats
 
 STATE_FORMAT = "ted_stream/wds-state"
 _SUBSTITUTES = 16  # kept samples tried in place of a corrupt one before giving up
@@ -110,6 +111,7 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
         self._resume: Optional[tuple[int, int]] = None  # (epoch, samples this rank already consumed)
         self._served: Optional[int] = None  # the epoch the sampler last began to serve
         self._order: dict[int, np.ndarray] = {}  # the last epoch asked for -> this rank's ids, in order
+        self._reported: Optional[int] = None  # the epoch whose streaming figures this process reported
 
     def close(self) -> None:
         """Close the shard files this process opened (they reopen on the next read)."""
@@ -406,6 +408,19 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
             load[slot] += kept[order[position]]
         return [order[np.sort(np.array(d, dtype=np.int64))] for d in dealt]
 
+    def _slot_counts(self, epoch: int, slots: int) -> list[int]:
+        """Kept samples of each slot's shards in ``epoch``."""
+        per_shard = self._kept_per_shard(epoch)
+        return [int(per_shard[s].sum()) for s in self._slot_shards(epoch, slots)]
+
+    def wds_stats(self, num_workers: int) -> dict[str, Any]:
+        """The streaming path's figures for the current epoch with ``num_workers`` DataLoader
+        workers per rank (0: the main process): samples ``kept`` by the mask, ``served`` (every
+        worker serves the largest worker's count), ``repeats``, and the fractions ``saved`` (real)
+        and ``saved_by_mask``. Logged once per epoch by rank 0's first worker, see ``wds_stream``."""
+        epoch = self._current_epoch()
+        return stream_stats(epoch, self.num_samples, self._slot_counts(epoch, self.world_size * max(1, num_workers)))
+
     def wds_shards(self) -> Callable[[], Iterator[dict[str, str]]]:
         """First stage of a webdataset pipeline: this rank's and worker's shards for the current
         epoch (see ``_slot_shards``), as ``{"url": path}``."""
@@ -451,19 +466,26 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
         shards; a worker with fewer kept samples repeats its own first kept samples (held raw, in
         memory, until its shards end). With ``webdataset.batched(b)`` every worker, so every rank,
         then forms the same number of batches (the last one partial unless ``partial=False``).
+        That needs ``wds_shards()``'s dealing: a sample of a shard dealt to another worker raises
+        RuntimeError. Rank 0's first worker reports the epoch's real saving (``wds_stats``).
         """
 
         def select(samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
             epoch = self._current_epoch()
             keep = self._keep_bools(epoch)
             slot, slots = self._slot()
-            per_shard = self._kept_per_shard(epoch)
-            counts = [int(per_shard[s].sum()) for s in self._slot_shards(epoch, slots)]
+            counts = self._slot_counts(epoch, slots)
             quota = max(counts)
+            dealt = {self.index.shards[s]["name"] for s in self._slot_shards(epoch, slots)[slot]}
+            if slot == 0 and self._reported != epoch:
+                self._reported = epoch
+                report(stream_stats(epoch, self.num_samples, counts))
             repeats: list[dict[str, Any]] = []
             served = 0
             for sample in samples:
                 name = os.path.basename(sample["__url__"])
+                if name not in dealt:
+                    raise self._undealt(name, slot, slots, epoch, dealt)
                 sample_id = self.index.sample_id(name, sample["__key__"])
                 if sample_id is None:
                     raise ManifestError(
@@ -487,6 +509,14 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
                 yield dict(repeats[i % len(repeats)])
 
         return select
+
+    def _undealt(self, shard: str, slot: int, slots: int, epoch: int, dealt: set[str]) -> RuntimeError:
+        return RuntimeError(
+            f"wds_select(): rank {self.rank}, worker slot {slot} of {slots} read shard {shard}, which is "
+            f"not among the shards wds_shards() deals it in epoch {epoch} ({sorted(dealt)}): expected "
+            "ds.wds_shards() as the pipeline's first stage (not a shard list of your own, nor "
+            "split_by_node/split_by_worker), since the padding to equal counts per worker assumes its dealing"
+        )
 
 
 class EpochSampler(torch.utils.data.Sampler):
