@@ -399,7 +399,8 @@ def test_docs_example_runs(capsys):
     assert [line.split(":")[1].split(" of")[0] for line in out.splitlines()[:4]] == [
         " kept 256", " kept 128", " kept 128", " kept 256"]
     assert "128 per rank" in out.splitlines()[1]
-    assert "streaming epoch 2: 10 batches" in out and "resumed epoch 1 with 80 samples left" in out
+    assert "streaming epoch 2: 10 batches, 130 served for 128 kept: 49.2% saved (50.0% by the mask)" in out
+    assert "resumed epoch 1 with 80 samples left; epoch 2 prunes the same samples: True" in out
 
 
 def test_docs_training_loop_resumes_exactly(capsys):
