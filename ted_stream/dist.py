@@ -78,3 +78,48 @@ def all_gather_records(ids: np.ndarray, values: np.ndarray, num_samples: int) ->
         cut = count * np.dtype(id_type).itemsize
         out.append((buf[:cut].view(id_type).astype(np.int64), buf[cut : cut + 4 * count].view(np.float32).copy()))
     return out
+
+
+def all_to_all(data: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The first ``counts[0]`` elements of ``data`` go to rank 0, the next ``counts[1]`` to rank 1,
+    and so on; returns what every rank sent to this one, concatenated in rank order."""
+    dev = collective_device()
+    sent = torch.as_tensor(np.asarray(counts, np.int64), device=dev)
+    got = torch.empty_like(sent)
+    dist.all_to_all_single(got, sent)
+    recv = torch.empty(int(got.sum().item()), dtype=torch.from_numpy(data[:0]).dtype, device=dev)
+    send = torch.from_numpy(np.ascontiguousarray(data)).to(dev)
+    dist.all_to_all_single(recv, send, got.tolist(), sent.tolist())
+    return recv.cpu().numpy()
+
+
+def gather_at(data: np.ndarray, receivers: list[int]) -> list[np.ndarray] | None:
+    """Every rank's ``data`` (uint8), in rank order, on each rank of ``receivers``; None elsewhere.
+
+    Point-to-point sends: a rank outside ``receivers`` receives nothing but every rank's size."""
+    dev = collective_device()
+    me, world = rank(), dist.get_world_size()
+    size = torch.tensor([len(data)], dtype=torch.int64, device=dev)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)  # also means the communicator exists before the point-to-point ops
+    mine = torch.from_numpy(np.ascontiguousarray(data, np.uint8)).to(dev)
+    ops = [dist.P2POp(dist.isend, mine, r) for r in receivers if r != me and len(data)]
+    bufs = None
+    if me in receivers:
+        bufs = [
+            mine if r == me else torch.empty(int(sizes[r].item()), dtype=torch.uint8, device=dev) for r in range(world)
+        ]
+        ops += [dist.P2POp(dist.irecv, bufs[r], r) for r in range(world) if r != me and len(bufs[r])]
+    if ops:
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+    return None if bufs is None else [b.cpu().numpy() for b in bufs]
+
+
+def all_gather_flags(flag: bool) -> list[int]:
+    """The ranks whose ``flag`` is set."""
+    dev = collective_device()
+    mine = torch.tensor([int(flag)], dtype=torch.int64, device=dev)
+    flags = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(flags, mine)
+    return [r for r, f in enumerate(flags) if int(f.item())]

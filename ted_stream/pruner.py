@@ -15,7 +15,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from . import dist, joblock
+from . import dist, joblock, shard
 from .config import TEDConfig
 from .table import EpochMask, ScoreTable, TableError, copy_atomic
 
@@ -69,6 +69,7 @@ class Pruner:
         self._claim_folder()
         self.table = self._open(fingerprint)
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._holders: Optional[list[int]] = None  # ranks that receive the whole merged table
 
     def _claim_folder(self) -> None:
         """One job per table folder (``joblock``): global rank 0 claims it for the whole job and
@@ -126,14 +127,31 @@ class Pruner:
             self.table.record(ids, scores)
 
     def sync(self) -> None:
-        """Merge every rank's buffered scores into every rank's table (collective)."""
+        """Merge every rank's buffered scores (collective), sharded by id range (``shard``).
+
+        Each record goes to the rank owning its id, which folds it into its slice of the table;
+        the owners' slice deltas go to the ranks holding the whole table: each node's leader
+        (which writes the node's file) and rank 0 (which freezes). Per rank that is its slice's
+        records, not every rank's. The other ranks hold the whole merged table again after
+        ``save``, which maps the node's file on every rank.
+        """
         if not dist.active():
             return
         ids = np.concatenate([p[0] for p in self._pending]) if self._pending else np.empty(0, np.int64)
         vals = np.concatenate([p[1] for p in self._pending]) if self._pending else np.empty(0, np.float32)
         self._pending = []
-        for rank_ids, rank_vals in dist.all_gather_records(ids, vals, self.num_samples):
-            self.table.record(rank_ids, rank_vals)
+        n, me = self.num_samples, dist.rank()
+        bounds = shard.owner_bounds(n, torch.distributed.get_world_size())
+        lo, hi = int(bounds[me]), int(bounds[me + 1])
+        ids, vals, counts = shard.route(ids, vals, bounds, n)
+        got_ids, got_vals = dist.all_to_all(ids, counts), dist.all_to_all(vals, counts)
+        touched = shard.fold_owned(self.table, got_ids, got_vals, lo, hi)
+        delta = shard.encode_delta(self.table.scores[lo:hi], self.table.updated[lo:hi], touched)
+        if self._holders is None:  # once: leaders do not change
+            self._holders = sorted(set(dist.all_gather_flags(self.leader)) | {0})
+        for src, data in enumerate(dist.gather_at(delta, self._holders) or []):
+            if src != me:
+                shard.apply_delta(self.table, int(bounds[src]), int(bounds[src + 1]), data)
 
     def freeze(self, epoch: int, choose: Selector) -> EpochMask:
         """The keep-mask of ``epoch``, bit-identical on every rank (collective); persisted.
@@ -154,10 +172,14 @@ class Pruner:
         return mask
 
     def save(self) -> None:
-        """Merge scores (collective) and write the table atomically from each node's leader."""
+        """Merge scores (collective) and write the table atomically from each node's leader; then
+        every rank maps the node's file: the whole merged table on every rank, one copy per node."""
         self.sync()
         if self.leader:
             self.table.save(self.table_path)
+        if dist.active():
+            dist.barrier()
+            self.reload()
 
     def load_file(self) -> Optional[ScoreTable]:
         """The table file (None if there is none), whose frozen masks this table adopts: a
