@@ -408,10 +408,10 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
             load[slot] += kept[order[position]]
         return [order[np.sort(np.array(d, dtype=np.int64))] for d in dealt]
 
-    def _slot_counts(self, epoch: int, slots: int) -> list[int]:
-        """Kept samples of each slot's shards in ``epoch``."""
+    def _slot_counts(self, epoch: int, dealt: list[np.ndarray]) -> list[int]:
+        """Kept samples in ``epoch`` of each slot's shards (``dealt``, from ``_slot_shards``)."""
         per_shard = self._kept_per_shard(epoch)
-        return [int(per_shard[s].sum()) for s in self._slot_shards(epoch, slots)]
+        return [int(per_shard[s].sum()) for s in dealt]
 
     def wds_stats(self, num_workers: int) -> dict[str, Any]:
         """The streaming path's figures for the current epoch with ``num_workers`` DataLoader
@@ -419,7 +419,8 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
         worker serves the largest worker's count), ``repeats``, and the fractions ``saved`` (real)
         and ``saved_by_mask``. Logged once per epoch by rank 0's first worker, see ``wds_stream``."""
         epoch = self._current_epoch()
-        return stream_stats(epoch, self.num_samples, self._slot_counts(epoch, self.world_size * max(1, num_workers)))
+        dealt = self._slot_shards(epoch, self.world_size * max(1, num_workers))
+        return stream_stats(epoch, self.num_samples, self._slot_counts(epoch, dealt))
 
     def wds_shards(self) -> Callable[[], Iterator[dict[str, str]]]:
         """First stage of a webdataset pipeline: this rank's and worker's shards for the current
@@ -474,9 +475,10 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
             epoch = self._current_epoch()
             keep = self._keep_bools(epoch)
             slot, slots = self._slot()
-            counts = self._slot_counts(epoch, slots)
+            dealt = self._slot_shards(epoch, slots)
+            counts = self._slot_counts(epoch, dealt)
             quota = max(counts)
-            dealt = {self.index.shards[s]["name"] for s in self._slot_shards(epoch, slots)[slot]}
+            mine = {self.index.shards[s]["name"] for s in dealt[slot]}
             if slot == 0 and self._reported != epoch:
                 self._reported = epoch
                 report(stream_stats(epoch, self.num_samples, counts))
@@ -484,8 +486,8 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
             served = 0
             for sample in samples:
                 name = os.path.basename(sample["__url__"])
-                if name not in dealt:
-                    raise self._undealt(name, slot, slots, epoch, dealt)
+                if name not in mine:
+                    raise self._undealt(name, slot, slots, epoch, mine)
                 sample_id = self.index.sample_id(name, sample["__key__"])
                 if sample_id is None:
                     raise ManifestError(
