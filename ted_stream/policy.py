@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Iterator
 from typing import Optional
 
 import numpy as np
@@ -80,8 +81,8 @@ def _ted(
             stacklevel=3,
         )
     k = _rounded(k, n, count, granule)
-    key = bf16_order_key(table.scores)
-    if k and (k >= count or _all_equal(key, candidates)):
+    keys = _score_keys(table.scores)
+    if k and (k >= count or _all_equal(keys, candidates)):
         why = (
             "every scored sample is pruned, whatever its score"
             if k >= count
@@ -92,12 +93,12 @@ def _ted(
     previous = _latest_mask_before(table, epoch)
     if cfg.monotone and previous is not None:
         was_pruned = candidates & ~previous.bools()
-        drop = _lowest(key, was_pruned, min(k, _count(was_pruned)), rng)
+        drop = _lowest(keys, was_pruned, min(k, _count(was_pruned)), rng)
         candidates = candidates & ~drop
     k_new = k - _count(drop)
     n_top = round(cfg.trim_top * k_new)
-    if n_top:  # ~key is a full pass: only when trimming
-        top = _lowest(~key, candidates, n_top, rng)
+    if n_top:
+        top = _lowest(_score_keys(table.scores, invert=True), candidates, n_top, rng)
         drop |= top
         candidates &= ~top
         k_new -= _count(top)
@@ -111,11 +112,11 @@ def _ted(
     rest, rest_drops = 0, 0  # candidates outside the pool, and how many alpha < 1 pruned there
     for members, k_part in parts:
         size = _count(members)
-        part_pool = _lowest(key, members, pool_size(int(k_part), size, cfg.explore), rng)
+        part_pool = _lowest(keys, members, pool_size(int(k_part), size, cfg.explore), rng)
         k_pool = pool_share(int(k_part), _count(part_pool), size, cfg.alpha)
-        drop |= _uniform_draw(part_pool, k_pool, rng)
+        _uniform_draw(part_pool, k_pool, rng, out=drop)
         if k_pool < k_part:  # alpha < 1: the rest of the part loses the remainder, at random
-            drop |= _uniform_draw(members & ~part_pool, int(k_part) - k_pool, rng)
+            _uniform_draw(members, int(k_part) - k_pool, rng, out=drop, exclude=part_pool)
         rest += size - _count(part_pool)
         rest_drops += int(k_part) - k_pool
         if pool is None:
@@ -159,11 +160,17 @@ def _count(flags: np.ndarray) -> int:
     return int(np.count_nonzero(flags))
 
 
-def _all_equal(key: np.ndarray, members: np.ndarray) -> bool:
-    first = np.argmax(members)
-    other = key != key[first]
-    other &= members
-    return bool(members[first]) and not other.any()
+def _all_equal(keys: Keys, members: np.ndarray) -> bool:
+    first = int(np.argmax(members))
+    if not members[first]:
+        return False
+    key = keys(first, first + 1)[0]
+    for s, e in _chunks(len(members)):
+        other = keys(s, e) != key
+        other &= members[s:e]
+        if other.any():
+            return False
+    return True
 
 
 def _shares(total: int, counts: np.ndarray) -> np.ndarray:
@@ -179,11 +186,13 @@ def _drop_and_boost(
     epoch: int, drop: np.ndarray, group: np.ndarray, max_weight: float, base_weight: float = 1.0
 ) -> EpochMask:
     """Drop ``drop``; the kept rest of ``group`` carries the group's mass, weighted
-    |group| / |kept| up to ``max_weight``; the other kept samples weigh ``base_weight``."""
+    |group| / |kept| up to ``max_weight``; the other kept samples weigh ``base_weight``. Both
+    arrays are overwritten."""
     dropped = bool(drop.any())
-    keep = np.logical_not(drop, out=drop)  # drop is ours: no second 1e8-sample array
-    survivors = group & keep
-    size, kept = _count(group), _count(survivors)
+    keep = np.logical_not(drop, out=drop)  # drop and group are ours: no further 1e9-sample array
+    size = _count(group)
+    survivors = np.logical_and(group, keep, out=group)
+    kept = _count(survivors)
     if not dropped or max_weight == 1.0:
         return EpochMask.from_bools(epoch, keep)
     if kept == 0:
@@ -214,66 +223,140 @@ def select_within(
     return part.expand(ids, table.num_samples)
 
 
-def _random_keys(rng: np.random.Generator, n: int) -> np.ndarray:
-    return rng.integers(0, 1 << 16, size=n, dtype=np.uint16)
+Keys = Callable[[int, int], np.ndarray]
+"""The 16-bit keys of samples [s, e), asked for in order, one whole pass at a time: no array of
+every sample's key is held (2 bytes per sample, 2 GB at 1e9 samples)."""
+
+_CHUNK = 1 << 18  # samples per step of a pass: its temporaries stay in cache; even (see _random_keys)
 
 
-_CHUNK = 1 << 18  # bincount widens its input to int64: count in slices that stay in cache
+def _chunks(n: int) -> Iterator[tuple[int, int]]:
+    return ((s, min(n, s + _CHUNK)) for s in range(0, n, _CHUNK))
 
 
-def _lowest(key: np.ndarray, members: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
-    """Boolean mask of the ``m`` ``members`` with the lowest 16-bit ``key``, ties at the cut
-    broken at random. A histogram of the keys finds the cut, so the cost is two passes.
+def _score_keys(scores: np.ndarray, invert: bool = False) -> Keys:
+    """Order keys of the bfloat16 ``scores`` (inverted: highest first)."""
+
+    def keys(s: int, e: int) -> np.ndarray:
+        key = bf16_order_key(scores[s:e])
+        return np.invert(key, out=key) if invert else key
+
+    return keys
+
+
+def _random_keys(rng: np.random.Generator) -> Keys:
+    """One draw of uniform 16-bit keys, drawn again at each pass from the generator's state now;
+    every pass leaves the generator where the one draw would. Equal to one ``integers`` call over
+    all samples because numpy draws 16-bit numbers two per 32-bit word and _CHUNK is even."""
+    start = rng.bit_generator.state
+
+    def keys(s: int, e: int) -> np.ndarray:
+        if s == 0:
+            rng.bit_generator.state = start
+        return rng.integers(0, 1 << 16, size=e - s, dtype=np.uint16)
+
+    return keys
+
+
+def _inside(members: np.ndarray, exclude: Optional[np.ndarray], s: int, e: int) -> np.ndarray:
+    return members[s:e] if exclude is None else members[s:e] & ~exclude[s:e]
+
+
+def _add(out: Optional[np.ndarray], chosen: np.ndarray) -> np.ndarray:
+    if out is None:
+        return chosen
+    out |= chosen
+    return out
+
+
+def _lowest(
+    keys: Keys,
+    members: np.ndarray,
+    m: int,
+    rng: np.random.Generator,
+    out: Optional[np.ndarray] = None,
+    exclude: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """Boolean mask of the ``m`` samples in ``members`` but not ``exclude`` with the lowest keys,
+    ties at the cut broken at random (or-ed into ``out`` if given). A histogram of the keys finds
+    the cut, so the cost is two passes.
 
     Tie-breaking is a prefix of one permutation of the tied samples, so with the same keys and
     generator state a larger ``m`` chooses a superset of a smaller one."""
-    n = len(key)
+    n = len(members)
     if m <= 0:
-        return np.zeros(n, dtype=bool)
-    everyone = bool(members.all())  # the common case: no masked gather before counting
+        return _add(out, np.zeros(n, dtype=bool))
+    everyone = exclude is None and bool(members.all())  # the common case: no masked gather before counting
     hist = np.zeros(1 << 16, dtype=np.int64)
-    for s in range(0, n, _CHUNK):
-        part = key[s : s + _CHUNK] if everyone else key[s : s + _CHUNK][members[s : s + _CHUNK]]
-        hist += np.bincount(part, minlength=1 << 16)
+    for s, e in _chunks(n):  # bincount widens its input to int64: count in slices that stay in cache
+        part = keys(s, e)
+        hist += np.bincount(part if everyone else part[_inside(members, exclude, s, e)], minlength=1 << 16)
     if m >= hist.sum():
-        return members.copy()
+        return _add(out, members.copy() if exclude is None else members & ~exclude)
     cut = int(np.searchsorted(np.cumsum(hist), m))  # the first key whose running count reaches m
-    return _cut(key, members, cut, m - int(hist[:cut].sum()), rng)
+    return _cut(keys, members, exclude, cut, m - int(hist[:cut].sum()), rng, out)
 
 
-def _cut(key: np.ndarray, members: np.ndarray, cut: int, ties: int, rng: np.random.Generator) -> np.ndarray:
+def _cut(
+    keys: Keys,
+    members: np.ndarray,
+    exclude: Optional[np.ndarray],
+    cut: int,
+    ties: int,
+    rng: np.random.Generator,
+    out: Optional[np.ndarray],
+) -> np.ndarray:
     """Members with key < cut, and ``ties`` of those with key == cut chosen at random."""
-    chosen = key < cut
-    chosen &= members  # in place: every fresh 1e8-sample temporary costs page faults
-    tied = key == cut
-    tied &= members
-    chosen[rng.permutation(np.flatnonzero(tied))[:ties]] = True
+    chosen = np.zeros(len(members), dtype=bool) if out is None else out
+    tied = []
+    for s, e in _chunks(len(members)):
+        key, inside = keys(s, e), _inside(members, exclude, s, e)
+        below = key < cut
+        below &= inside
+        chosen[s:e] |= below
+        at = key == cut
+        at &= inside
+        tied.append(np.flatnonzero(at) + s)
+    chosen[rng.permutation(np.concatenate(tied))[:ties]] = True
     return chosen
 
 
-def _uniform_draw(members: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
-    """``m`` of ``members`` drawn uniformly: the ``m`` lowest of uniform random keys (exactly what
-    ``_lowest`` would choose from the same keys). Uniform keys put the cut near m / |members| of
-    the key range, so only a window around it is counted, not the whole histogram."""
-    key = _random_keys(rng, len(members))
-    size = _count(members)
+def _uniform_draw(
+    members: np.ndarray,
+    m: int,
+    rng: np.random.Generator,
+    out: Optional[np.ndarray] = None,
+    exclude: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """``m`` of ``members`` (but not ``exclude``) drawn uniformly, or-ed into ``out`` if given:
+    the ``m`` lowest of uniform random keys (exactly what ``_lowest`` would choose from the same
+    keys). Uniform keys put the cut near m / |members| of the key range, so only a window around
+    it is counted, not the whole histogram."""
+    n = len(members)
+    keys = _random_keys(rng)
+    size = _count(members) if exclude is None else sum(_count(_inside(members, exclude, s, e)) for s, e in _chunks(n))
+    if m <= 0:
+        for s, e in _chunks(n):  # the generator moves past the draw all the same
+            keys(s, e)
     if m <= 0 or m >= size:
-        return _lowest(key, members, m, rng)  # nothing or everything: no histogram is needed
+        return _lowest(keys, members, m, rng, out, exclude)  # nothing or everything: no histogram is needed
     q = m / size
     width = 8 * math.sqrt(size * q * (1 - q)) / size * (1 << 16) + 2  # 8 standard deviations, in keys
     lo, hi = max(0, int(q * (1 << 16) - width)), min(1 << 16, int(q * (1 << 16) + width) + 1)
-    window = key < lo
-    window &= members
-    below = int(np.count_nonzero(window))
-    np.greater_equal(key, lo, out=window)
-    window &= key < hi
-    window &= members
-    hist = np.bincount(key[window] - lo, minlength=hi - lo)
-    del window
+    below, hist = 0, np.zeros(hi - lo, dtype=np.int64)
+    for s, e in _chunks(n):
+        key, inside = keys(s, e), _inside(members, exclude, s, e)
+        window = key < lo
+        window &= inside
+        below += int(np.count_nonzero(window))
+        np.greater_equal(key, lo, out=window)
+        window &= key < hi
+        window &= inside
+        hist += np.bincount(key[window] - lo, minlength=hi - lo)
     if not below < m <= below + hist.sum():  # outside 8 deviations: count everything
-        return _lowest(key, members, m, rng)
+        return _lowest(keys, members, m, rng, out, exclude)
     cut = lo + int(np.searchsorted(np.cumsum(hist), m - below))
-    return _cut(key, members, cut, m - below - int(hist[: cut - lo].sum()), rng)
+    return _cut(keys, members, exclude, cut, m - below - int(hist[: cut - lo].sum()), rng, out)
 
 
 def _rounded(k: int, n: int, k_max: int, granule: int) -> int:
