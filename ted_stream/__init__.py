@@ -20,6 +20,7 @@ _LAZY = {
     "per_sample_lm_loss": ".scorer",
     "predicted_igd": ".scorer",
     "TEDProtocol": ".protocol",
+    "model_inputs": ".source",
 }
 
 
@@ -33,6 +34,7 @@ __all__ = [
     "TEDConfig",
     "split_config",
     "TEDProtocol",
+    "model_inputs",
     "TEDStreamingDataset",
     "TEDWebDataset",
     "TEDWebLoader",

@@ -8,6 +8,7 @@ else, so a third format is one new loader module (plus, for the Trainer, the ent
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from .config import TEDConfig
@@ -65,6 +66,29 @@ class PruningSource(Protocol):
 
     def check_world(self, rank: int, world_size: int) -> None:
         """ValueError if the dataset partitions its epochs for another rank or world size."""
+
+
+ID_KEY, WEIGHT_KEY = "ted_id", "ted_weight"
+
+
+def add_ted_keys(sample: dict[str, Any], sample_id: int, weight: float) -> dict[str, Any]:
+    """``sample`` with its global id and loss weight under ``ted_id`` / ``ted_weight``; a sample
+    that already has a column of either name is refused rather than silently overwritten."""
+    for key in (ID_KEY, WEIGHT_KEY):
+        if key in sample:
+            raise ValueError(
+                f"sample {sample_id} already has a column named {key!r} (value {sample[key]!r}): ted_stream "
+                f"adds {ID_KEY!r} and {WEIGHT_KEY!r} to every sample it serves to a TED loop; rename that "
+                "column in the shards"
+            )
+    sample[ID_KEY] = sample_id
+    sample[WEIGHT_KEY] = weight
+    return sample
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """``batch`` without ``ted_id`` / ``ted_weight``: what ``model(**inputs)`` takes."""
+    return {key: value for key, value in batch.items() if key not in (ID_KEY, WEIGHT_KEY)}
 
 
 def require_source(dataset: Any, name: str) -> PruningSource:

@@ -265,6 +265,7 @@ def test_filter_composes_with_pruning_and_resumes(data, tmp_path, method, monkey
     assert len(calls) == 1  # cached beside the table
     loader = StreamingDataLoader(again, batch_size=BATCH)
     again.next_epoch = 1  # epoch 0 was done by the first instance
+    again.start_epoch(1)  # already frozen: keeps its mask
     head, state = [], None
     for i, b in enumerate(loader):
         head += b["ted_id"].tolist()
@@ -277,13 +278,14 @@ def test_filter_composes_with_pruning_and_resumes(data, tmp_path, method, monkey
     third = make(TEDStreamingDataset, data, "two", **kw)
     loader = StreamingDataLoader(third, batch_size=BATCH)
     loader.load_state_dict(state)
+    third.start_epoch(1)
     assert head + [i for b in loader for i in b["ted_id"].tolist()] == full
     del loader, third
     gc.collect()
 
 
 def test_keep_list_filter(data, tmp_path):
-    ds = make(TEDStreamingDataset, data, "one", sample_filter=np.arange(0, 300, 3))
+    ds = make(TEDStreamingDataset, data, "one", sample_filter=np.arange(0, 300, 3), ted_keys="always")
     assert sorted(s["ted_id"] for s in ds) == list(range(0, 300, 3))
     with pytest.raises(ValueError, match=r"keep-list holds ids in \[0, 300\]: expected ids in \[0, 300\)"):
         make(TEDStreamingDataset, data, "one", sample_filter=[0, 300])
@@ -318,7 +320,7 @@ def _rank_main(rank, folder, port, out):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    ds = TEDStreamingDataset(local=folder, batch_size=BATCH, shuffle=True, ted=CFG)
+    ds = TEDStreamingDataset(local=folder, batch_size=BATCH, shuffle=True, ted=CFG, ted_keys="always")
     loader = StreamingDataLoader(ds, batch_size=BATCH)  # workers agreeing: test_dataset.py
     ids0 = [i for b in loader for i in b["ted_id"].tolist()]  # epoch 0, this rank's half
     ds.record(ids0, np.sin(np.array(ids0) * 1.7))

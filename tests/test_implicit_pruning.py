@@ -27,7 +27,7 @@ def plain_loop(ds, epochs=3):
     out = []
     for _ in range(epochs):
         promised = len(loader)
-        got = [len(b["ted_id"]) for b in loader]
+        got = [len(b["label"]) for b in loader]
         out.append((promised, len(got), sum(got)))
     return out
 

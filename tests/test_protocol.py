@@ -127,7 +127,8 @@ def test_loss_reading_records_each_samples_own_loss(data, tmp_path):
 
 def test_loss_is_weighted_and_scores_are_not(data, tmp_path):
     """A sample's gradient score is the score of its own unweighted loss whatever its ted_weight."""
-    ds = TEDStreamingDataset(local=data, table_dir=str(tmp_path / "t"), batch_size=BATCH, ted=CFG)
+    ds = TEDStreamingDataset(local=data, table_dir=str(tmp_path / "t"), batch_size=BATCH, ted=CFG,
+                             ted_keys="always")
     model = make_model()
     ted = TEDProtocol(ds, model, scorer={"layers": "*", "rows": None})
     batch = collate([ds.get_item(i) for i in range(BATCH)])
@@ -202,7 +203,8 @@ def test_checkpoint_resumes_exactly(data, tmp_path, stop, skip):
 
 
 def test_state_dict_refuses_unflushed_scores_and_bad_input(data, tmp_path):
-    ds = TEDStreamingDataset(local=data, table_dir=str(tmp_path / "t"), batch_size=BATCH, ted=CFG)
+    ds = TEDStreamingDataset(local=data, table_dir=str(tmp_path / "t"), batch_size=BATCH, ted=CFG,
+                             ted_keys="always")
     model = make_model()
     ted = TEDProtocol(ds, model, flush_every=100)
     batch = collate([ds.get_item(i) for i in range(BATCH)])

@@ -43,7 +43,7 @@ from torch import Tensor
 from ..loaders.wds import TEDWebLoader
 from ..protocol import TEDProtocol, deepspeed_loss_scale
 from ..scorer import per_sample_ce, per_sample_lm_loss
-from ..source import PruningSource, require_source
+from ..source import PruningSource, model_inputs, require_source
 
 __all__ = [
     "TEDTrainer",
@@ -275,8 +275,7 @@ class TEDTrainerMixin(_TrainerBase):
         num_items_in_batch: Optional[Tensor] = None,
     ) -> Any:
         if "ted_id" not in inputs or not model.training:  # evaluation, or a batch not from TEDLoader
-            inputs = {k: v for k, v in inputs.items() if k not in ("ted_id", "ted_weight")}
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return super().compute_loss(model, model_inputs(inputs), return_outputs, num_items_in_batch)
         batch = {"ted_id": inputs.pop("ted_id"), "ted_weight": inputs.pop("ted_weight")}
         labels = inputs.pop("labels")
         outputs = model(**inputs)  # without labels: the model computes no loss of its own

@@ -33,6 +33,7 @@ from ..mask import EpochMask, pack, unpack
 from ..policy import PruningWarning, select, select_within
 from ..pruner import HasPruner, Pruner, as_config
 from ..schedule import pruned_fraction
+from ..source import ID_KEY, WEIGHT_KEY, add_ted_keys
 from ..table import FILENAME, ScoreTable
 from . import remote
 from .upstream import UpstreamDataset, epoch_start_state
@@ -96,9 +97,11 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
         implicit_pruning: whether an epoch without ``start_epoch`` is pruned from the table file
             (the scores an earlier run or another process saved there); default True, and
             logged once per epoch with what it prunes and why. False iterates such epochs whole.
-
-    Each sample gains ``ted_id`` (its global sample id, the key for ``record``) and
-    ``ted_weight`` (its loss weight this epoch: 1 unless the policy rescales).
+        ted_keys: when samples gain ``ted_id`` (the global sample id, the key for ``record``) and
+            ``ted_weight`` (the loss weight this epoch: 1 unless the policy rescales). ``"auto"``
+            (default): once the loop has called ``start_epoch``, so a loop that never heard of TED
+            gets upstream's samples unchanged (``model(**batch)`` keeps working); ``"always"``;
+            ``"never"``. A shard column of either name is refused (ValueError) when they are added.
     """
 
     def __init__(
@@ -109,12 +112,17 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
         groups: Any = None,
         sample_filter: Optional[sample_filters.SampleFilter] = None,
         implicit_pruning: bool = True,
+        ted_keys: str = "auto",
         **kwargs: Any,
     ) -> None:
         ted = as_config(ted)
         if not isinstance(implicit_pruning, bool):
             raise ValueError(f"implicit_pruning={implicit_pruning!r} is invalid: expected True or False")
+        if ted_keys not in TED_KEYS:
+            raise ValueError(f"ted_keys={ted_keys!r} is invalid: expected one of {', '.join(TED_KEYS)}")
         self._implicit_pruning = implicit_pruning
+        self._ted_keys = ted_keys
+        self._loop_started = False  # start_epoch was called: a TED loop, which reads ted_id
         with _local_world_size_from_deepspeed():
             _init_upstream(self, kwargs)
         self.ted = ted
@@ -190,12 +198,14 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
 
     def get_item(self, sample_id: int, retry: int = 7) -> Any:
         sample = super().get_item(sample_id, retry)
+        if self._ted_keys == "never" or (self._ted_keys == "auto" and not self._loop_started):
+            return sample  # upstream's sample, untouched
         if self._iter_epoch is not None:
             mask = self._iter_mask
         else:
             mask = None if self._epoch is None else self.table.masks.get(self._epoch)
-        sample["ted_id"] = int(sample_id)
-        sample["ted_weight"] = 1.0 if mask is None or not mask.reweights else mask.weight_of(sample_id)
+        weight = 1.0 if mask is None or not mask.reweights else mask.weight_of(sample_id)
+        sample = add_ted_keys(sample, int(sample_id), weight)
         if get_worker_info() is not None:  # in a DataLoader worker: see _WorkerSample
             sample = _WorkerSample(sample)
         return sample
@@ -312,6 +322,7 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
         self._kept_sizes.pop(epoch, None)  # with a filter, len() may have counted it unfrozen
         self._iter_epoch = None  # a resumed epoch may have been resolved before this freeze
         self._epoch = epoch
+        self._loop_started = True
         self._push_table()
         logger.info("epoch %d: keeping %d of %d samples", epoch, mask.kept, self.table.num_samples)
         return mask
@@ -450,7 +461,7 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
         return self.num_ranks * (self.batch_size or 1)
 
 
-_TED_KEYS = ("ted_id", "ted_weight")
+TED_KEYS = ("auto", "always", "never")  # the values of ted_keys
 
 
 class _WorkerSample(dict):
@@ -473,7 +484,7 @@ class _WorkerSample(dict):
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         plain, packed = dict(self), []
-        for key in _TED_KEYS:
+        for key in (ID_KEY, WEIGHT_KEY):
             value = plain.get(key)
             if (
                 type(value) is torch.Tensor

@@ -36,6 +36,7 @@ from .. import dist
 from ..config import TEDConfig
 from ..policy import select
 from ..pruner import HasPruner, Pruner, as_config
+from ..source import add_ted_keys
 from ..table import FILENAME, EpochMask
 from .wds_index import CorruptSample, ManifestError, Shards, WdsIndex
 from .wds_state import KEEP, keep_snapshot, snapshot_name, table_digest
@@ -241,9 +242,7 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
             if mask is None or epoch is None:
                 raise
             sample_id, sample = self._substitute(error, epoch)
-        sample["ted_id"] = sample_id
-        sample["ted_weight"] = mask.weight_of(sample_id) if mask is not None else 1.0
-        return sample
+        return add_ted_keys(sample, sample_id, mask.weight_of(sample_id) if mask is not None else 1.0)
 
     def _load(self, sample_id: int) -> dict[str, Any]:
         sample = self.index.read(sample_id, self._files)
@@ -496,7 +495,7 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
                     )
                 if not keep[sample_id]:
                     continue
-                sample["ted_id"], sample["ted_weight"] = sample_id, self._weight(epoch, sample_id)
+                add_ted_keys(sample, sample_id, self._weight(epoch, sample_id))
                 if len(repeats) < max(1, quota - counts[slot]):  # one spare: a sample a handler skips
                     repeats.append(dict(sample))
                 yield sample
