@@ -9,9 +9,17 @@ breaks here, in one place.
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from collections.abc import Iterator
+from concurrent.futures import Future
+from typing import Any, Optional
 
 from streaming import StreamingDataset
+from streaming.base.dataset import _ShardState
+
+
+class ShardError(RuntimeError):
+    """A shard of the epoch could not be downloaded, decompressed or read."""
 
 
 class UpstreamDataset(StreamingDataset):
@@ -23,6 +31,50 @@ class UpstreamDataset(StreamingDataset):
         epoch, sample_in_epoch = super()._resume_incr_epoch()
         self.epoch_begins(epoch)
         return epoch, sample_in_epoch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # Upstream ends an epoch early, without raising, when its download thread fails (the
+        # exception goes to a future's callback): a missing or damaged shard would silently
+        # shorten the epoch. Raise instead, naming the shard.
+        self._background_error: Optional[BaseException] = None
+        yield from super().__iter__()
+        if self._background_error is not None:
+            raise self._background_error
+        if self._event.is_set():  # private: set by upstream's threads on any failure
+            it = self._iterator  # private: upstream's per-epoch iteration state
+            shard = self._shard_name(int(it.sample_ids[min(it.yield_index, it.total - 1)]))
+            raise ShardError(
+                f"the epoch ended after {it.yield_index} of this worker's {it.total} samples: a "
+                f"background thread failed at or before shard {shard} (its traceback is in the log)"
+            )
+
+    def on_exception(self, future: Future) -> None:
+        # Runs in the pool thread, where a raised exception is only logged: keep it for __iter__.
+        if future.exception() is not None:
+            self._background_error = future.exception()
+        super().on_exception(future)
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        try:
+            super().prepare_shard(shard_id, blocking)
+        except Exception as err:
+            # Upstream leaves a failed shard PREPARING in shared memory, and every other worker
+            # waits for it to turn LOCAL forever. Mark it LOCAL: their wait ends, and their own read
+            # finds its file missing, prepares it again and fails as loudly.
+            self._shard_states[shard_id] = _ShardState.LOCAL  # private: the node's shard states
+            raise ShardError(
+                f"shard {self._shard_name_of(shard_id)} could not be prepared ({type(err).__name__}: {err}): "
+                "expected a complete shard as written (is it missing, truncated or damaged at its remote?)"
+            ) from err
+
+    def _shard_name(self, sample_id: int) -> str:
+        return self._shard_name_of(self.spanner[sample_id][0])  # private: sample id -> shard id
+
+    def _shard_name_of(self, shard_id: int) -> str:
+        stream = self.streams[self.stream_per_shard[shard_id]]
+        raw, zipped = self.shards[shard_id].file_pairs[0]
+        name = (zipped or raw).basename
+        return os.path.join(stream.remote or stream.local, stream.split or "", name)
 
     def epoch_begins(self, epoch: int) -> None:
         """Runs in every worker as ``epoch`` begins, before any worker of the node yields from it."""
