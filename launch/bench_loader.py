@@ -169,7 +169,7 @@ def main() -> None:
             return lambda: StreamingDataset(local=os.path.join(root, name), batch_size=BATCH, shuffle=True,
                                             shuffle_seed=SEED_SHUFFLE, **kw)
 
-        def ted(name: str, frac: float, local: str | None = None, remote: str | None = None
+        def ted(name: str, frac: float, local: str | None = None, remote: str | None = None, keys: str = "auto"
                 ) -> Callable[[], StreamingDataset]:
             table_dir = os.path.join(root, "tables", f"{name}-{frac}")
             cfg = TEDConfig(target=frac, warmup_epochs=0, ramp_epochs=0, seed=args.seed) if frac else TEDConfig()
@@ -179,7 +179,7 @@ def main() -> None:
                 if remote is not None:
                     kw["remote"] = remote
                 ds = TEDStreamingDataset(**kw, batch_size=BATCH, shuffle=True, shuffle_seed=SEED_SHUFFLE,
-                                         ted=cfg, table_dir=table_dir)
+                                         ted=cfg, table_dir=table_dir, ted_keys=keys)
                 if frac:
                     if not ds.table.scored.any():  # first use: seeded random scores for every sample
                         rng = np.random.default_rng(args.seed + 1)
@@ -201,10 +201,11 @@ def main() -> None:
 
         for rep in range(args.repeats):
             if "loader" in args.phases:
-                variants = [("upstream", plain), ("ted", lambda n: ted(n, 0.0))]
+                variants = [("upstream", plain), ("ted", lambda n: ted(n, 0.0)),
+                            ("ted+keys", lambda n: ted(n, 0.0, keys="always"))]
                 for name in data:
                     for workers in args.workers:
-                        for variant, factory in (variants if rep % 2 == 0 else variants[::-1]):
+                        for variant, factory in variants[rep % 3:] + variants[:rep % 3]:
                             record({"phase": "loader", "data": name, "workers": workers, "variant": variant,
                                     "repeat": rep, **epoch(factory(name), workers)})
             fracs = [0.0, *args.fractions]
@@ -259,25 +260,25 @@ def main() -> None:
     table: dict[str, Any] = {"loader": [], "skip": [], "cold": []}
     lines = []
     if "loader" in args.phases:
-        lines += ["", "loader (pruning off): samples/s, medians of %d" % args.repeats,
-                  f"{'data':6s} {'workers':>7s} {'upstream/s':>11s} {'ted/s':>9s} {'ratio':>6s} "
+        lines += ["", "loader (pruning off): samples/s, medians of %d; ted: a plain loop (no start_epoch, so "
+                  "upstream's samples), ted+keys: a TED loop's samples (ted_id, ted_weight added)" % args.repeats,
+                  f"{'data':6s} {'workers':>7s} {'variant':>8s} {'upstream/s':>11s} {'ted/s':>9s} {'ratio':>6s} "
                   f"{'ratio range':>13s} {'CPU ratio':>9s}"]
-        for name in data:
-            for workers in args.workers:
-                up, td = group("loader", name, workers, "upstream"), group("loader", name, workers, "ted")
-                # samples/s ratio = upstream wall / ted wall
-                r_wall = ratios(up, td, "wall_s")
-                r_cpu = ratios(up, td, "cpu_s")
-                row = {"data": name, "workers": workers,
-                       "upstream_samples_per_s": summary([r["samples"] / r["wall_s"] for r in up]),
-                       "ted_samples_per_s": summary([r["samples"] / r["wall_s"] for r in td]),
-                       "ratio": summary(r_wall), "ratio_cpu": summary(r_cpu),
-                       "extra_us_per_sample": statistics.median(
-                           (t["wall_s"] - u["wall_s"]) / u["samples"] * 1e6 for u, t in zip(up, td))}
-                table["loader"].append(row)
-                lines.append(f"{name:6s} {workers:7d} {row['upstream_samples_per_s']['median']:11.0f} "
-                             f"{row['ted_samples_per_s']['median']:9.0f} {row['ratio']['median']:6.3f} "
-                             f"{row['ratio']['min']:6.3f}-{row['ratio']['max']:.3f} {row['ratio_cpu']['median']:9.3f}")
+        for name, workers, variant in [(n, w, v) for n in data for w in args.workers for v in ("ted", "ted+keys")]:
+            up, td = group("loader", name, workers, "upstream"), group("loader", name, workers, variant)
+            # samples/s ratio = upstream wall / ted wall
+            r_wall = ratios(up, td, "wall_s")
+            r_cpu = ratios(up, td, "cpu_s")
+            row = {"data": name, "workers": workers, "variant": variant,
+                   "upstream_samples_per_s": summary([r["samples"] / r["wall_s"] for r in up]),
+                   "ted_samples_per_s": summary([r["samples"] / r["wall_s"] for r in td]),
+                   "ratio": summary(r_wall), "ratio_cpu": summary(r_cpu),
+                   "extra_us_per_sample": statistics.median(
+                       (t["wall_s"] - u["wall_s"]) / u["samples"] * 1e6 for u, t in zip(up, td))}
+            table["loader"].append(row)
+            lines.append(f"{name:6s} {workers:7d} {variant:>8s} {row['upstream_samples_per_s']['median']:11.0f} "
+                         f"{row['ted_samples_per_s']['median']:9.0f} {row['ratio']['median']:6.3f} "
+                         f"{row['ratio']['min']:6.3f}-{row['ratio']['max']:.3f} {row['ratio_cpu']['median']:9.3f}")
     for phase in ("skip", "cold"):
         if phase not in args.phases:
             continue
