@@ -6,6 +6,7 @@ with (seed, epoch), and ties between equal scores are broken by the same draws.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ import numpy as np
 from .config import TEDConfig
 from .mask import EpochMask
 from .schedule import pruned_fraction
-from .table import ScoreTable, bf16_order_key
+from .table import ScoreTable, bf16_order_key, bf16_to_f32, f32_to_bf16
 
 
 class PruningWarning(UserWarning):
@@ -41,6 +42,8 @@ def select(
     fraction = pruned_fraction(cfg, epoch)
     if fraction == 0.0:
         return EpochMask.everything(epoch, n)
+    if cfg.block > 1:
+        return _by_block(cfg, table, epoch, granule, groups)
     rng = np.random.default_rng([cfg.seed, epoch])
     if cfg.policy in ("random", "random-dynamic"):
         # The static draw is the same random keys in every epoch: a growing fraction prunes a
@@ -58,6 +61,54 @@ def select(
         k = _rounded(round(fraction * count), n, count, granule)
         return _drop_and_boost(epoch, _uniform_draw(below, k, rng), below, math.inf)
     return _ted(cfg, table, epoch, rng, round(fraction * n), granule, groups)
+
+
+def _by_block(cfg: TEDConfig, table: ScoreTable, epoch: int, granule: int, groups: Optional[np.ndarray]) -> EpochMask:
+    """``select`` over blocks of ``cfg.block`` contiguous ids (the last one may be shorter), so that
+    whole shard regions are kept or pruned. Each block is one sample of a table whose score is
+    the mean of its samples' and which counts as scored only when every one of them is (no
+    unscored sample is pruned); the block mask then covers its samples."""
+    if groups is not None:
+        raise ValueError(
+            f"TEDConfig.block={cfg.block} cannot balance groups: a block of contiguous ids mixes them; "
+            "expected block=0 with groups, or no groups"
+        )
+    n, b = table.num_samples, cfg.block
+    starts = np.arange(0, n, b)
+    sizes = np.diff(np.append(starts, n))
+    sums = np.empty(len(starts), dtype=np.float64)
+    updated = np.empty(len(starts), dtype=np.uint8)
+    step = max(1, _CHUNK // b) * b  # whole blocks per slice: no float copy of every score
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        at = np.arange(0, e - s, b)
+        sums[s // b : s // b + len(at)] = np.add.reduceat(bf16_to_f32(table.scores[s:e]), at, dtype=np.float64)
+        updated[s // b : s // b + len(at)] = np.minimum.reduceat(table.updated[s:e], at)
+    previous = _latest_mask_before(table, epoch)
+    masks = {}
+    if previous is not None:  # a block was pruned when none of its samples was kept (monotone)
+        masks[previous.epoch] = EpochMask.from_bools(previous.epoch, np.add.reduceat(previous.bools(), starts) > 0)
+    blocks = ScoreTable(len(starts), table.fingerprint, table.ema, f32_to_bf16(sums / sizes), updated, masks)
+    blocks.epoch = table.epoch
+    part = select(dataclasses.replace(cfg, block=0), blocks, epoch)
+    keep = np.repeat(part.bools(), sizes)
+    boost = part.boost_bools()
+    # Every rank needs the same number of full batches: the kept count is rounded up to the
+    # granule by keeping the first samples of pruned blocks, fewer than a granule in all.
+    need = min(n, math.ceil(_count(keep) / granule) * granule) - _count(keep)
+    for i in np.flatnonzero(~part.bools()):
+        if need <= 0:
+            break
+        take = min(need, int(sizes[i]))
+        keep[starts[i] : starts[i] + take] = True
+        need -= take
+    return EpochMask.from_bools(
+        epoch,
+        keep,
+        None if boost is None else np.repeat(boost, sizes),
+        part.boost_weight,
+        base_weight=part.base_weight,
+    )
 
 
 def _ted(
