@@ -289,7 +289,7 @@ def ted_config(args: argparse.Namespace) -> TEDConfig:
     """Map a policy and a wanted saved fraction onto a TEDConfig for this run."""
     base = dict(epochs=args.epochs, seed=args.seed, ema=args.ema, explore=args.explore, alpha=args.alpha,
                 warmup_epochs=args.warmup, ramp_epochs=args.ramp, tail_epochs=args.tail,
-                rescale=args.rescale, monotone=args.monotone, trim_top=args.trim_top)
+                rescale=args.rescale, monotone=args.monotone, trim_top=args.trim_top, block=args.block)
     if args.policy in ("full", "fewer-epochs"):
         return TEDConfig(**{**base, "target": 0.0})
     if args.policy == "infobatch":
@@ -404,6 +404,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rescale", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--keep-table", action="store_true", help="keep the run's score table (its path is in the result)")
     p.add_argument("--monotone", action="store_true")
+    p.add_argument("--block", type=int, default=0, help="TEDConfig.block: samples per pruning block (0 = per sample)")
     p.add_argument("--balance", action="store_true", help="class-balanced selection: prune the same fraction of every class")
     p.add_argument("--batch-size", type=int, default=None, help="default: the task's")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate; default: the task's")
