@@ -199,7 +199,16 @@ def open_train(data_dir: str, fmt: str, *, batch_size: int, seed: int, ted: Any,
     from ted_stream import TEDStreamingDataset
 
     return TEDStreamingDataset(local=data_dir, table_dir=table_dir, batch_size=batch_size, shuffle=True,
-                               shuffle_seed=seed, ted=ted)
+                               shuffle_seed=seed, ted=ted, validate_hash=shard_hash(data_dir))
+
+
+def shard_hash(data_dir: str) -> Optional[str]:
+    """"xxh64" when every shard of the MDS folder has that hash (write_mds writes it): a damaged shard
+    is then refused, naming it, when it is decompressed; None for folders prepared before it did."""
+    with open(os.path.join(data_dir, "index.json")) as f:
+        shards = json.load(f)["shards"]
+    ok = all("xxh64" in (s["zip_data"] or s["raw_data"]).get("hashes", {}) for s in shards)
+    return "xxh64" if ok else None
 
 
 def train_loader(ds: Any, collate: Callable[[list], Any]) -> Any:

@@ -421,6 +421,38 @@ def plot(out: str, epochs: list[dict[str, Any]], steps: list[dict[str, Any]], ti
 
 
 # ---- the run ---------------------------------------------------------------------------------
+def data_dir_of(args: argparse.Namespace, ctx: Ctx) -> str:
+    import llm_data
+
+    root = (args.data_root or os.path.join(args.out, "data")).replace("{node}", str(ctx.node))
+    return os.path.join(root, llm_data.data_tag(args.model, args.vocab_size, args.seq_len, args.max_docs or None,
+                                                args.max_samples or None, args.data_format))
+
+
+def table_dir_of(args: argparse.Namespace, ctx: Ctx, data_dir: str) -> str:
+    return args.table_dir.replace("{node}", str(ctx.node)) if args.table_dir else os.path.join(data_dir, "ted")
+
+
+def claim_folders(args: argparse.Namespace, ctx: Ctx) -> None:
+    """One job per --out and table folder (ted_stream.joblock), claimed by rank 0 before anything
+    is deleted or resumed: a second job started on a live folder would otherwise clear the running
+    job's checkpoints, ids and table before its dataset is refused. Every rank raises the refusal."""
+    from ted_stream import joblock
+    from ted_stream.table import TableError
+
+    refusal = [""]
+    if ctx.is_leader:
+        try:
+            for folder in (args.out, table_dir_of(args, ctx, data_dir_of(args, ctx))):
+                joblock.claim(folder, args)  # held while args lives: the whole run
+        except TableError as err:
+            refusal[0] = str(err)
+    if ctx.world > 1:
+        ctx.dist.broadcast_object_list(refusal, src=0)
+    if refusal[0]:
+        raise TableError(refusal[0])
+
+
 def start_run_dir(args: argparse.Namespace, ctx: Ctx, ckpt_dir: str) -> Optional[str]:
     """The checkpoint tag to resume from, or None; a fresh run first clears an earlier one's files."""
     resume_tag = latest_tag(ckpt_dir) if args.resume else None
@@ -441,10 +473,7 @@ def prepare_data(args: argparse.Namespace, ctx: Ctx) -> tuple[str, dict[str, Any
     """Shards and metadata: rank 0 prepares, then the leader of any node without its own copy."""
     import llm_data
 
-    root = (args.data_root or os.path.join(args.out, "data")).replace("{node}", str(ctx.node))
-    data_dir = os.path.join(root, llm_data.data_tag(args.model, args.vocab_size, args.seq_len,
-                                                    args.max_docs or None, args.max_samples or None,
-                                                    args.data_format))
+    data_dir = data_dir_of(args, ctx)
     prep = dict(seq_len=args.seq_len, vocab_size=args.vocab_size, model=args.model,
                 max_docs=args.max_docs or None, max_samples=args.max_samples or None,
                 max_eval=args.max_eval, fmt=args.data_format, log=ctx.log)
@@ -463,7 +492,7 @@ def place_table(args: argparse.Namespace, ctx: Ctx, data_dir: str, resume: bool)
     gets its checkpoint's table from TEDProtocol.restore)."""
     from ted_stream.table import FILENAME
 
-    table_dir = args.table_dir.replace("{node}", str(ctx.node)) if args.table_dir else os.path.join(data_dir, "ted")
+    table_dir = table_dir_of(args, ctx, data_dir)
     table_path = os.path.join(table_dir, FILENAME)
     if ctx.is_local_leader and not resume:
         try:  # every node's leader does this: on a shared folder another may have been first
@@ -507,6 +536,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ctx = Ctx()
     out = args.out
     ckpt_dir = os.path.join(out, "checkpoints")
+    claim_folders(args, ctx)
     resume_tag = start_run_dir(args, ctx, ckpt_dir)
     data_dir, meta = prepare_data(args, ctx)
     table_dir = place_table(args, ctx, data_dir, resume_tag is not None)
@@ -709,5 +739,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+def run() -> int:
+    """main(), with the refusals a user acts on (another job holds the folder, a shard is missing
+    or damaged) as one line naming the folder or shard instead of a traceback per rank."""
+    try:
+        return main()
+    except Exception as err:
+        from ted_stream.loaders.upstream import ShardError
+        from ted_stream.table import TableError
+
+        if not isinstance(err, (ShardError, TableError)):
+            raise
+        print(f"train_llm: rank {os.environ.get('RANK', '0')}: {type(err).__name__}: {err}", file=sys.stderr,
+              flush=True)
+        return 3
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())
