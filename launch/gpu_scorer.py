@@ -34,12 +34,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from ted_stream.config import SCORER_DEFAULTS, split_config  # noqa: E402
+from ted_stream.config import ScorerSettings, split_config  # noqa: E402
+
+DEFAULT = ScorerSettings()
 from ted_stream.scorer import TaylorScorer, per_sample_lm_loss  # noqa: E402
 
 RESULT: dict = {"errors": []}
 MODES = {"off": None,
-         "default (every linear layer, 16 rows)": (tuple(SCORER_DEFAULTS["layers"]), SCORER_DEFAULTS["rows"]),
+         "default (every linear layer, 16 rows)": (DEFAULT.layers, DEFAULT.rows),
          "every linear layer, 64 rows": (("*",), 64), "lm_head, 256 rows": (("lm_head",), 256)}
 SMOLLM2 = dict(vocab=49152, hidden=576, inter=1536, layers=30, heads=9, kv=3, tied=True)
 TINY = dict(vocab=512, hidden=64, inter=128, layers=2, heads=4, kv=2, tied=True)
@@ -103,7 +105,7 @@ def exactness(dev: torch.device, tiny: bool) -> dict:
     for name, spec in MODES.items():
         if spec is None:
             continue
-        scorer = TaylorScorer(model, layers=spec[0], rows=spec[1], seed=SCORER_DEFAULTS["seed"])
+        scorer = TaylorScorer(model, layers=spec[0], rows=spec[1], seed=DEFAULT.seed)
         model.zero_grad(set_to_none=True)
         loss = per_sample_lm_loss(model(input_ids=ids).logits, ids)
         loss.mean().backward()
@@ -118,7 +120,7 @@ def exactness(dev: torch.device, tiny: bool) -> dict:
     layers, rows = MODES["default (every linear layer, 16 rows)"]
     ids = torch.randint(0, shape["vocab"], (big, seq), generator=torch.Generator().manual_seed(3)).to(dev)
     bf = llama(shape, seq, seed=1).to(dev).eval().to(torch.bfloat16)
-    scorer = TaylorScorer(bf, layers=layers, rows=rows, seed=SCORER_DEFAULTS["seed"])
+    scorer = TaylorScorer(bf, layers=layers, rows=rows, seed=DEFAULT.seed)
     per_sample_lm_loss(bf(input_ids=ids).logits, ids).mean().backward()
     sc = scorer.compute(1.0 / len(ids))
     selection = scorer.selection
@@ -204,7 +206,7 @@ def time_engine(eng, data, dev, args, deadline) -> dict:
     def run(mode, untimed, timed):
         spec = MODES[mode]
         scorer = None if spec is None else TaylorScorer(eng.module, layers=spec[0], rows=spec[1],
-                                                        seed=SCORER_DEFAULTS["seed"])
+                                                        seed=DEFAULT.seed)
         buf: list = []
         try:
             if dev.type == "cuda":
@@ -279,7 +281,7 @@ def main() -> int:
     RESULT.update(device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", torch=torch.__version__,
                   cuda=torch.version.cuda, transformers=transformers.__version__, argv=sys.argv,
                   shape={**shape, "name": "tiny" if args.tiny else "SmolLM2-135M"}, seq=args.seq,
-                  scorer_defaults=SCORER_DEFAULTS)
+                  scorer_defaults=DEFAULT.to_dict())
     save(args.out)
     t = time.time()
     try:

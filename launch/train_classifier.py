@@ -16,7 +16,7 @@ by the chosen policy. One run = one JSON line of results.
 
 Policies: full, random, random-dynamic, infobatch (loss score, below-mean rule, rescaling),
 ted (the TED score, --reading), and two controls run through the same TED pipeline:
-grad-norm (score = last-layer gradient norm) and loss (score = the sample's loss).
+grad-norm (reading norm: the last-layer gradient norm) and loss (score = the sample's loss).
 """
 from __future__ import annotations
 
@@ -48,7 +48,9 @@ POLICIES = ("full", "fewer-epochs", "random", "random-dynamic", "infobatch", "te
 # d-fit (issue 23's search for learnable-hard vs unlearnable): d times exp(-loss), so samples the
 # model never fits (large d, large loss) score low like learned ones, and the moderately fit
 # hard ones score highest.
-READINGS = ("d", "d-fit", "s", "abs-s", "grad-norm", "loss")
+# The library's readings (ted_stream.config.READINGS, same spellings) that last-layer statistics give, plus two of
+# this harness: d-fit (d * exp(-loss)) and norm (the gradient norm: its moving average ranks unlike sqnorm's).
+READINGS = ("d", "d-fit", "s", "abs_s", "norm", "loss")
 # InfoBatch's pruning probability r for a wanted saved fraction: its saved fraction is r times the
 # share of below-mean losses (measured, not configured: the benchmark reports what was saved).
 INFOBATCH_R = {0.3: 0.5, 0.5: 0.83, 0.7: 0.95}
@@ -303,11 +305,11 @@ def ted_config(args: argparse.Namespace) -> TEDConfig:
 
 
 def reading_of(args: argparse.Namespace) -> str:
-    return {"grad-norm": "grad-norm", "loss": "loss", "infobatch": "loss"}.get(args.policy, args.reading)
+    return {"grad-norm": "norm", "loss": "loss", "infobatch": "loss"}.get(args.policy, args.reading)
 
 
 def score(stats, reading: str) -> torch.Tensor:
-    return {"d": stats.d, "d-fit": stats.d * torch.exp(-stats.loss), "s": stats.s, "abs-s": stats.s.abs(), "grad-norm": stats.sqnorm.sqrt(),
+    return {"d": stats.d, "d-fit": stats.d * torch.exp(-stats.loss), "s": stats.s, "abs_s": stats.s.abs(), "norm": stats.sqnorm.sqrt(),
             "loss": stats.loss}[reading]
 
 

@@ -603,7 +603,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             emit({"type": "run", "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "argv": sys.argv, "world": ctx.world, "nodes": ctx.world // ctx.local_world,
                   "threads_per_rank": torch.get_num_threads(), "params": n_params, "data": meta,
-                  "ted": ted.to_dict(), "scorer": scorer_cfg, "deepspeed": ds_config, "initial_eval_loss": initial_eval,
+                  "ted": ted.to_dict(), "scorer": scorer_cfg.to_dict(), "deepspeed": ds_config, "initial_eval_loss": initial_eval,
                   "torch": torch.__version__, "deepspeed_version": deepspeed.__version__, **git_state()})
         if args.model is None:
             shutil.copyfile(os.path.join(data_dir, "tokenizer.json"), os.path.join(out, "tokenizer.json"))

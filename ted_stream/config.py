@@ -16,8 +16,6 @@ from typing import Any, Optional, Union
 POLICIES = ("ted", "random", "random-dynamic", "infobatch")
 RAMPS = ("cubic", "linear")
 READINGS = ("d", "s", "abs_s", "sqnorm", "loss")
-# Every linear layer, 16 rows each: the TaylorScorer default measured by launch/bench_scorer.py.
-SCORER_DEFAULTS: dict[str, Any] = {"layers": ["*"], "rows": 16, "reading": "d", "ref_ema": 0.0, "seed": 0}
 # The JSON type each annotation accepts. bool is an int subclass, so it is refused explicitly:
 # "rescale": "false" or "target": true must not pass as a truthy string or the number 1.
 _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
@@ -179,46 +177,72 @@ class TEDConfig:
         return identity
 
 
-def scorer_settings(block: Any) -> dict[str, Any]:
-    """The ``"scorer"`` sub-block of a ``"ted"`` config block, checked and completed with defaults.
+@dataclass(frozen=True)
+class ScorerSettings:
+    """The ``"scorer"`` sub-block of a ``"ted"`` config block: how ``TEDProtocol`` scores.
 
-    Raises ValueError naming the field: a wrong type here would otherwise surface only once the
-    model is built, minutes into a launch.
+    Checked when built (ValueError naming the field): a wrong type here would otherwise surface
+    only once the model is built, minutes into a launch. The defaults are the measured default
+    (``launch/bench_scorer.py``): every linear layer, 16 rows each, reading ``d``.
+
+    layers: layer-name patterns of the ``TaylorScorer`` (a string is one pattern).
+    rows: rows sampled per layer; None takes every row (exact, and costly).
+    reading: the per-sample value recorded, one of ``READINGS``.
+    ref_ema: the scorer's reference-gradient moving average, in [0, 1).
+    seed: seed of the row sample.
     """
-    if block is None:
-        block = {}
-    if not isinstance(block, Mapping):
-        raise ValueError(f"scorer={block!r} is invalid: expected an object of {sorted(SCORER_DEFAULTS)}")
-    unknown = sorted(set(block) - set(SCORER_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown scorer key(s) {unknown}; expected some of {sorted(SCORER_DEFAULTS)}")
-    out = {**SCORER_DEFAULTS, **block}
 
-    def bad(name: str, expected: str) -> ValueError:
-        return ValueError(f"scorer.{name}={out[name]!r} is invalid: expected {expected}")
+    layers: tuple[str, ...] = ("*",)
+    rows: Optional[int] = 16
+    reading: str = "d"
+    ref_ema: float = 0.0
+    seed: int = 0
 
-    if isinstance(out["layers"], str):
-        out["layers"] = [out["layers"]]
-    if not (isinstance(out["layers"], list) and out["layers"] and all(isinstance(x, str) for x in out["layers"])):
-        raise bad("layers", "a layer-name pattern or a non-empty list of them (strings)")
-    out["layers"] = list(out["layers"])
-    for name, annotation in (("rows", "Optional[int]"), ("reading", "str"), ("ref_ema", "float"), ("seed", "int")):
-        expected = _type_error(out[name], annotation)
-        if expected:
-            raise bad(name, expected)
-    if out["rows"] is not None and out["rows"] < 1:
-        raise bad("rows", "null or an integer >= 1")
-    if out["reading"] not in READINGS:
-        raise bad("reading", f"one of {READINGS}")
-    if not 0.0 <= out["ref_ema"] < 1.0:
-        raise bad("ref_ema", "a number in [0, 1)")
-    if out["seed"] < 0:
-        raise bad("seed", "an integer >= 0")
-    out["ref_ema"] = float(out["ref_ema"])
-    return out
+    def __post_init__(self) -> None:
+        layers: Any = self.layers
+        if isinstance(layers, str):
+            layers = (layers,)
+        if not (isinstance(layers, (list, tuple)) and layers and all(isinstance(x, str) for x in layers)):
+            raise self._bad("layers", "a layer-name pattern or a non-empty list of them (strings)")
+        object.__setattr__(self, "layers", tuple(layers))
+        for name, annotation in (("rows", "Optional[int]"), ("reading", "str"), ("ref_ema", "float"), ("seed", "int")):
+            expected = _type_error(getattr(self, name), annotation)
+            if expected:
+                raise self._bad(name, expected)
+        if self.rows is not None and self.rows < 1:
+            raise self._bad("rows", "null or an integer >= 1")
+        if self.reading not in READINGS:
+            raise self._bad("reading", f"one of {READINGS}")
+        if not 0.0 <= self.ref_ema < 1.0:
+            raise self._bad("ref_ema", "a number in [0, 1)")
+        if self.seed < 0:
+            raise self._bad("seed", "an integer >= 0")
+        object.__setattr__(self, "ref_ema", float(self.ref_ema))
+
+    def _bad(self, name: str, expected: str) -> ValueError:
+        return ValueError(f"scorer.{name}={getattr(self, name)!r} is invalid: expected {expected}")
+
+    @classmethod
+    def from_dict(cls, block: Any) -> ScorerSettings:
+        """Settings from a ``"scorer"`` JSON object (None: the defaults); an instance is returned as is."""
+        if isinstance(block, ScorerSettings):
+            return block
+        if block is None:
+            block = {}
+        names = sorted(f.name for f in fields(cls))
+        if not isinstance(block, Mapping):
+            raise ValueError(f"scorer={block!r} is invalid: expected an object of {names}")
+        unknown = sorted(map(str, set(block) - set(names)))
+        if unknown:
+            raise ValueError(f"unknown scorer key(s) {unknown}; expected some of {names}")
+        return cls(**block)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (``from_dict`` reads it back)."""
+        return {**dataclasses.asdict(self), "layers": list(self.layers)}
 
 
-def read_block(block: Any) -> tuple[TEDConfig, dict[str, Any]]:
+def read_block(block: Any) -> tuple[TEDConfig, ScorerSettings]:
     """(TEDConfig, scorer settings) from a ``"ted"`` config block (a JSON object with an optional
     ``"scorer"`` sub-block); ValueError naming the field for any unknown key or wrong type."""
     if block is None:
@@ -226,7 +250,7 @@ def read_block(block: Any) -> tuple[TEDConfig, dict[str, Any]]:
     if not isinstance(block, Mapping):
         raise ValueError(f'the "ted" block must be a JSON object, got {type(block).__name__}')
     block = dict(block)
-    scorer = scorer_settings(block.pop("scorer", None))
+    scorer = ScorerSettings.from_dict(block.pop("scorer", None))
     return TEDConfig.from_dict(block), scorer
 
 
@@ -253,8 +277,8 @@ def apply_overrides(block: dict[str, Any], items: Iterable[str]) -> dict[str, An
 
 def split_config(
     config: Union[str, os.PathLike, Mapping[str, Any]], epochs: Optional[int] = None
-) -> tuple[dict[str, Any], TEDConfig, dict[str, Any]]:
-    """(the config without its ``"ted"`` block, TEDConfig, scorer settings) from a DeepSpeed JSON
+) -> tuple[dict[str, Any], TEDConfig, ScorerSettings]:
+    """(the config without its ``"ted"`` block, TEDConfig, ScorerSettings) from a DeepSpeed JSON
     config file or an already loaded dict, validated before anything heavy is imported.
 
     ``epochs``: the run's epoch count; it fills ``ted.epochs`` and must agree with it when both are

@@ -31,7 +31,7 @@ import torch.distributed as tdist
 from torch import Tensor, nn
 
 from . import dist
-from .config import scorer_settings
+from .config import ScorerSettings
 from .scorer import Scores, TaylorScorer
 from .source import PruningSource, require_source
 from .table import copy_atomic
@@ -87,8 +87,8 @@ class TEDProtocol:
         ``TEDWebLoader``).
     model: the module to score (under DeepSpeed the model before ``deepspeed.initialize`` or
         ``engine.module``); not needed for the ``loss`` reading.
-    scorer: the ``"scorer"`` settings of a ``"ted"`` block (layers, rows, reading, ref_ema,
-        seed); checked by ``ted_stream.config.scorer_settings``; default the measured default.
+    scorer: a ``ted_stream.config.ScorerSettings``, or the ``"scorer"`` object of a ``"ted"``
+        block (layers, rows, reading, ref_ema, seed) it is built from; default the measured default.
     epochs: epochs of the run (for ``progress``); default ``dataset.ted.epochs``.
     flush_every: micro-steps between transfers of the buffered scores to the table.
     """
@@ -98,7 +98,7 @@ class TEDProtocol:
         dataset: PruningSource,
         model: Optional[nn.Module] = None,
         *,
-        scorer: Optional[Mapping[str, Any]] = None,
+        scorer: Union[ScorerSettings, Mapping[str, Any], None] = None,
         epochs: Optional[int] = None,
         flush_every: int = 16,
     ) -> None:
@@ -116,10 +116,11 @@ class TEDProtocol:
                 f"epochs={epochs} but the dataset's TEDConfig.epochs={dataset.ted.epochs}: "
                 "expected the same number of epochs"
             )
-        settings = scorer_settings(scorer)
+        settings = ScorerSettings.from_dict(scorer)
         self.dataset = dataset
         self.model = model
-        self.reading: str = settings["reading"]
+        self.settings = settings
+        self.reading = settings.reading
         self.epochs = epochs
         self.flush_every = flush_every
         self.scorer: Optional[TaylorScorer] = None
@@ -130,10 +131,10 @@ class TEDProtocol:
                 )
             self.scorer = TaylorScorer(
                 model,
-                layers=settings["layers"],
-                rows=settings["rows"],
-                seed=settings["seed"],
-                ref_ema=settings["ref_ema"],
+                layers=settings.layers,
+                rows=settings.rows,
+                seed=settings.seed,
+                ref_ema=settings.ref_ema,
             )
         self.epoch = -1  # the epoch in progress (-1: none started)
         self.steps = 0  # micro-steps per rank in that epoch

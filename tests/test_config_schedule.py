@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from ted_stream import TEDConfig, pruned_fraction
-from ted_stream.config import SCORER_DEFAULTS, apply_overrides, read_block
+from ted_stream.config import ScorerSettings, apply_overrides, read_block
 
 
 @pytest.mark.parametrize("field,value", [
@@ -85,8 +85,9 @@ def test_run_identity_is_the_policy_and_its_schedule():
 
 def test_read_block_checks_the_scorer_at_once():
     ted, scorer = read_block({"target": 0.4, "scorer": {"layers": "lm_head", "rows": None}})
-    assert ted.target == 0.4 and scorer == {**SCORER_DEFAULTS, "layers": ["lm_head"], "rows": None}
-    assert read_block(None) == (TEDConfig(), SCORER_DEFAULTS)
+    assert ted.target == 0.4 and scorer == ScorerSettings(layers=("lm_head",), rows=None)
+    assert read_block(None) == (TEDConfig(), ScorerSettings())
+    assert ScorerSettings.from_dict(scorer.to_dict()) == scorer and scorer.to_dict()["layers"] == ["lm_head"]
     for block, msg in [({"scorer": {"layers": 5}}, "scorer.layers=5 is invalid"),
                        ({"scorer": {"layers": ["a", 1]}}, "scorer.layers"),
                        ({"scorer": {"layers": []}}, "scorer.layers"),

@@ -146,7 +146,7 @@ def test_config_blocks_parse_and_ted_is_stripped():
         raw = json.loads(path.read_text())
         ds, ted, scorer = mod.split_config(raw, epochs=4)
         assert "ted" not in ds and "ted" in raw
-        assert ted.epochs == 4 and scorer["reading"] in mod.READINGS
+        assert ted.epochs == 4 and scorer.reading in mod.READINGS
     with pytest.raises(mod.ConfigError, match="targte"):
         mod.split_config({"ted": {"targte": 0.3}}, 3)
     with pytest.raises(mod.ConfigError, match="layer"):
@@ -159,7 +159,7 @@ def test_config_blocks_parse_and_ted_is_stripped():
         mod.split_config({"ted": {"epochs": 5}}, 3)
     _, ted, scorer = mod.load_config(mod.parse_args(["--ted", "target=0", "--ted", "policy=random",
                                                      "--ted", "scorer.reading=sqnorm"]))
-    assert (ted.target, ted.policy, scorer["reading"]) == (0.0, "random", "sqnorm")
+    assert (ted.target, ted.policy, scorer.reading) == (0.0, "random", "sqnorm")
     with pytest.raises(mod.ConfigError, match="targte"):
         mod.load_config(mod.parse_args(["--ted", "targte=0.3"]))
 

@@ -40,6 +40,7 @@ import torch
 from streaming import StreamingDataLoader
 from torch import Tensor
 
+from ..config import ScorerSettings
 from ..loaders.wds import TEDWebLoader
 from ..protocol import TEDProtocol, deepspeed_loss_scale
 from ..scorer import per_sample_ce, per_sample_lm_loss
@@ -183,8 +184,8 @@ class TEDTrainerMixin(_TrainerBase):
     """Put in front of ``Trainer`` (or a subclass of it): ``class T(TEDTrainerMixin, SFTTrainer)``.
 
     Extra keyword arguments:
-        ted_scorer: the ``"scorer"`` settings of a ``"ted"`` block (e.g. the third value of
-            ``ted_stream.config.split_config``); default every linear layer, 16 rows, reading d.
+        ted_scorer: a ``ted_stream.config.ScorerSettings`` (e.g. the third value of
+            ``split_config``) or its JSON object; default every linear layer, 16 rows, reading d.
         per_sample_loss: ``fn(outputs, labels) -> [B]`` losses; default ``causal_lm_loss``.
         ted_flush_every: micro-steps between transfers of the scores to the table.
     """
@@ -192,7 +193,7 @@ class TEDTrainerMixin(_TrainerBase):
     def __init__(
         self,
         *args: Any,
-        ted_scorer: Optional[Mapping[str, Any]] = None,
+        ted_scorer: Union[ScorerSettings, Mapping[str, Any], None] = None,
         per_sample_loss: Callable[[Any, Tensor], Tensor] = causal_lm_loss,
         ted_flush_every: int = 16,
         **kwargs: Any,
