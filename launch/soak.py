@@ -19,8 +19,9 @@ Faults beside the kills (docs/reliability.md says what each must do):
     match the reference;
   - launcher: the `deepspeed` launcher SIGKILLed after a random step, `--resume` started at once
     (its ranks must stop and release the folder; the resume must not race them);
-  - second: a second job started on the folder of a live one must be refused naming the holder's
-    host and pid, and the live one must finish unharmed.
+  - second: a second job started on the folder of a live one (paused meanwhile: the tiny job trains
+    for seconds, a start-up takes tens) must be refused naming the holder's host and pid, and the
+    live one must finish unharmed.
 The corpus is written in small shards (SHARD_BYTES) so that a shard is a part of an epoch.
 The deepspeed launcher tears the other rank down. Compared with the reference: every rank's (epoch, sample id)
 stream (lost and duplicated samples counted per epoch and rank), the step losses, the final
@@ -333,11 +334,18 @@ def main(argv: Optional[list[str]] = None) -> int:
             row["old_processes_at_resume_start"] = len(_session_pids(row["launcher_pid"]))
         elif point["kind"] == "second":
             def second_job(proc: subprocess.Popen) -> None:
-                if wait_for_step(proc, run_dir, point["step"]):
+                if not wait_for_step(proc, run_dir, point["step"]):
+                    return
+                # The tiny job trains for seconds and a start-up takes tens: the live job is paused
+                # (it keeps its lock, files and /dev/shm buffers) while the second one starts.
+                os.killpg(proc.pid, signal.SIGSTOP)
+                try:
                     holder = _rank_pid(proc.pid, 0)
                     rc2, log2, _ = launch(run_dir, data_root, log_path=run_dir + "-second.log", timeout=600)
                     row.update(second_rc=rc2, second_live=proc.poll() is None,
                                second_named_holder=f"host {socket.gethostname()}, pid {holder}" in log2)
+                finally:
+                    os.killpg(proc.pid, signal.SIGCONT)
 
             rc_kill = None
             rc, tail, port = launch(run_dir, data_root, during=second_job)
