@@ -19,6 +19,9 @@ Faults beside the kills (docs/reliability.md says what each must do):
     match the reference;
   - launcher: the `deepspeed` launcher SIGKILLed after a random step, `--resume` started at once
     (its ranks must stop and release the folder; the resume must not race them);
+  - stuck: the same, with the ranks frozen (SIGSTOP) so they cannot notice: the immediate resume
+    must be refused naming the old rank 0's host and pid; once they run again (SIGCONT) they stop,
+    and the next resume must match the reference;
   - second: a second job started on the folder of a live one (paused meanwhile: the tiny job trains
     for seconds, a start-up takes tens) must be refused naming the holder's host and pid, and the
     live one must finish unharmed.
@@ -194,7 +197,7 @@ def compare(ref: dict[str, Any], got: dict[str, Any]) -> dict[str, Any]:
 
 
 KINDS = ("time", "time", "step", "save", "epoch", "frozen")  # a third of the kills are timed
-FAULTS = ("shard", "launcher", "second")  # --kinds may name these too
+FAULTS = ("shard", "launcher", "stuck", "second")  # --kinds may name these too
 
 
 def kill_points(rng: random.Random, trials: int, ref_seconds: float,
@@ -214,7 +217,7 @@ def kill_points(rng: random.Random, trials: int, ref_seconds: float,
             points.append({"kind": kind, "rank": rank, "at": f"{at}:{draw[at]()}",
                            "damages": [DAMAGES[(i + k) % len(DAMAGES)] for k in range(len(DAMAGES))],
                            "shards": [rng.randrange(1 << 16) for _ in DAMAGES]})
-        elif kind == "launcher":
+        elif kind in ("launcher", "stuck"):
             points.append({"kind": kind, "step": rng.randrange(1, steps // 2)})
         elif kind == "second":
             points.append({"kind": kind, "step": rng.randrange(1, 6)})  # early: the live job outlasts the refusal
@@ -332,6 +335,24 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             rc_kill, _, port = launch(run_dir, data_root, during=kill_launcher)
             row["old_processes_at_resume_start"] = len(_session_pids(row["launcher_pid"]))
+        elif point["kind"] == "stuck":
+            def kill_stuck(proc: subprocess.Popen) -> None:
+                row["reached_step"] = wait_for_step(proc, run_dir, point["step"])
+                row["launcher_pid"] = proc.pid
+                os.killpg(proc.pid, signal.SIGSTOP)  # ranks that cannot notice (hung I/O, a debugger)
+                row["holder"] = _rank_pid(proc.pid, 0)
+                os.kill(proc.pid, signal.SIGKILL)
+
+            rc_kill, _, port = launch(run_dir, data_root, during=kill_stuck)
+            rc_early, log, _ = launch(run_dir, data_root, "--resume")
+            row.update(early_resume_rc=rc_early,
+                       early_resume_named_holder=f"host {socket.gethostname()}, pid {row['holder']}" in log)
+            os.killpg(row["launcher_pid"], signal.SIGCONT)
+            for _ in range(600):  # their watcher stops them within a second or two
+                if not _session_pids(row["launcher_pid"]):
+                    break
+                time.sleep(0.1)
+            row["old_processes_at_resume_start"] = len(_session_pids(row["launcher_pid"]))
         elif point["kind"] == "second":
             def second_job(proc: subprocess.Popen) -> None:
                 if not wait_for_step(proc, run_dir, point["step"]):
@@ -354,7 +375,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         left = [n for n in os.listdir("/dev/shm") if n.startswith("deepspeed_allreduce_buffer_") and f"_{port}_" in n]
         if point["kind"] != "second":
             rc, tail, _ = launch(run_dir, trial_root, "--resume")
-        if point["kind"] == "launcher":
+        if point["kind"] in ("launcher", "stuck"):
             old = _session_pids(row["launcher_pid"])
             row["old_processes_after_resume"] = len(old)
             if old:
@@ -380,7 +401,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                "shm_left_by_kill": sum(r["shm_left_by_kill"] for r in rows),
                "shm_left_after_resume": sum(r["shm_left_after_resume"] for r in rows),
                "shard_faults": len(faults), "shard_faults_named": sum(f["named"] for f in faults),
-               "launcher_kills": sum(r["kind"] == "launcher" for r in rows),
+               "launcher_kills": sum(r["kind"] in ("launcher", "stuck") for r in rows),
+               "stuck_resumes_refused_naming_holder": sum(r.get("early_resume_rc", 0) != 0
+                                                          and r.get("early_resume_named_holder", False) for r in rows),
                "launcher_processes_left_after_resume": sum(r.get("old_processes_after_resume", 0) for r in rows),
                "second_jobs": len(seconds),
                "second_refused_naming_holder": sum(r.get("second_rc", 0) != 0 and r.get("second_named_holder", False)
@@ -389,7 +412,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     good = (summary["resumed"] == summary["identical"] == len(rows) and not summary["lost"]
             and summary["shard_faults_named"] == summary["shard_faults"]
             and summary["second_refused_naming_holder"] == summary["second_jobs"]
-            and not summary["launcher_processes_left_after_resume"])
+            and not summary["launcher_processes_left_after_resume"]
+            and summary["stuck_resumes_refused_naming_holder"] == sum(r["kind"] == "stuck" for r in rows))
     return 0 if good else 1
 
 
