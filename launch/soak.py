@@ -206,16 +206,17 @@ def kill_points(rng: random.Random, trials: int, ref_seconds: float,
     saves = list(range(SAVE_EVERY, N // (2 * MICRO) + 1, SAVE_EVERY))  # checkpoints surely in epoch 0
     draw = {"step": lambda: rng.randrange(1, steps // 2), "save": lambda: rng.choice(saves),
             "epoch": lambda: rng.randrange(1, EPOCHS), "frozen": lambda: rng.randrange(EPOCHS)}
-    points = []
+    points: list[dict[str, Any]] = []
     for i in range(trials):
         kind = kinds[i % len(kinds)]
         rank = rng.randrange(2)
         if kind == "time":
             points.append({"kind": kind, "rank": rank, "after_s": round(rng.uniform(0.1, 0.95) * ref_seconds, 2)})
         elif kind == "shard":
+            turn = sum(p["kind"] == "shard" for p in points)  # each damage in turn at the start
             at = rng.choice(sorted(draw))
             points.append({"kind": kind, "rank": rank, "at": f"{at}:{draw[at]()}",
-                           "damages": [DAMAGES[(i + k) % len(DAMAGES)] for k in range(len(DAMAGES))],
+                           "damages": [DAMAGES[(turn + k) % len(DAMAGES)] for k in range(len(DAMAGES))],
                            "shards": [rng.randrange(1 << 16) for _ in DAMAGES]})
         elif kind in ("launcher", "stuck"):
             points.append({"kind": kind, "step": rng.randrange(1, steps // 2)})
@@ -385,7 +386,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if rc == 0:
             row.update(compare(ref, snapshot(run_dir)))
         else:
-            row["log_tail"] = tail[-1500:]
+            row["log_tail"] = tail[-4000:]
         row["seconds"] = round(time.time() - t0, 1)
         with open(results_path, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -421,30 +421,18 @@ def plot(out: str, epochs: list[dict[str, Any]], steps: list[dict[str, Any]], ti
 
 
 # ---- the run ---------------------------------------------------------------------------------
-def data_dir_of(args: argparse.Namespace, ctx: Ctx) -> str:
-    import llm_data
-
-    root = (args.data_root or os.path.join(args.out, "data")).replace("{node}", str(ctx.node))
-    return os.path.join(root, llm_data.data_tag(args.model, args.vocab_size, args.seq_len, args.max_docs or None,
-                                                args.max_samples or None, args.data_format))
-
-
-def table_dir_of(args: argparse.Namespace, ctx: Ctx, data_dir: str) -> str:
-    return args.table_dir.replace("{node}", str(ctx.node)) if args.table_dir else os.path.join(data_dir, "ted")
-
-
-def claim_folders(args: argparse.Namespace, ctx: Ctx) -> None:
+def claim_folder(args: argparse.Namespace, ctx: Ctx, folder: str) -> None:
     """One job per --out and table folder (ted_stream.joblock), claimed by rank 0 before anything
-    is deleted or resumed: a second job started on a live folder would otherwise clear the running
-    job's checkpoints, ids and table before its dataset is refused. Every rank raises the refusal."""
+    in it is deleted or resumed: a second job started on a live folder would otherwise clear the
+    running job's checkpoints, ids and table before its dataset is refused. Every rank raises the
+    refusal."""
     from ted_stream import joblock
     from ted_stream.table import TableError
 
     refusal = [""]
     if ctx.is_leader:
         try:
-            for folder in (args.out, table_dir_of(args, ctx, data_dir_of(args, ctx))):
-                joblock.claim(folder, args)  # held while args lives: the whole run
+            joblock.claim(folder, args)  # held while args lives: the whole run
         except TableError as err:
             refusal[0] = str(err)
     if ctx.world > 1:
@@ -473,7 +461,10 @@ def prepare_data(args: argparse.Namespace, ctx: Ctx) -> tuple[str, dict[str, Any
     """Shards and metadata: rank 0 prepares, then the leader of any node without its own copy."""
     import llm_data
 
-    data_dir = data_dir_of(args, ctx)
+    root = (args.data_root or os.path.join(args.out, "data")).replace("{node}", str(ctx.node))
+    data_dir = os.path.join(root, llm_data.data_tag(args.model, args.vocab_size, args.seq_len,
+                                                    args.max_docs or None, args.max_samples or None,
+                                                    args.data_format))
     prep = dict(seq_len=args.seq_len, vocab_size=args.vocab_size, model=args.model,
                 max_docs=args.max_docs or None, max_samples=args.max_samples or None,
                 max_eval=args.max_eval, fmt=args.data_format, log=ctx.log)
@@ -492,7 +483,8 @@ def place_table(args: argparse.Namespace, ctx: Ctx, data_dir: str, resume: bool)
     gets its checkpoint's table from TEDProtocol.restore)."""
     from ted_stream.table import FILENAME
 
-    table_dir = table_dir_of(args, ctx, data_dir)
+    table_dir = args.table_dir.replace("{node}", str(ctx.node)) if args.table_dir else os.path.join(data_dir, "ted")
+    claim_folder(args, ctx, table_dir)  # after prepare_data: the default folder is inside the prepared one
     table_path = os.path.join(table_dir, FILENAME)
     if ctx.is_local_leader and not resume:
         try:  # every node's leader does this: on a shared folder another may have been first
@@ -536,7 +528,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ctx = Ctx()
     out = args.out
     ckpt_dir = os.path.join(out, "checkpoints")
-    claim_folders(args, ctx)
+    claim_folder(args, ctx, out)
     resume_tag = start_run_dir(args, ctx, ckpt_dir)
     data_dir, meta = prepare_data(args, ctx)
     table_dir = place_table(args, ctx, data_dir, resume_tag is not None)
