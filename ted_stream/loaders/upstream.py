@@ -49,10 +49,12 @@ class UpstreamDataset(StreamingDataset):
             )
 
     def on_exception(self, future: Future) -> None:
-        # Runs in the pool thread, where a raised exception is only logged: keep it for __iter__.
+        # Runs in the pool thread, where a raised exception is only logged: keep it for __iter__
+        # and stop the other threads as upstream does, without upstream's re-raise (a traceback
+        # on stderr per failed thread, beside the ShardError that names the shard).
         if future.exception() is not None:
             self._background_error = future.exception()
-        super().on_exception(future)
+            self._event.set()  # private: upstream's "a thread failed" flag
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
         try:
