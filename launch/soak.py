@@ -1,6 +1,7 @@
 """Kill-anywhere soak of launch/train_llm.py: SIGKILL one rank of a 2-rank job, resume, compare.
 
     .venv/bin/python launch/soak.py --trials 50 --out runs/soak          # results: runs/soak/soak.jsonl
+    .venv/bin/python launch/soak.py --trials 20 --kinds shard,launcher,stuck,second --out runs/soak-faults
 
 One uninterrupted reference run, then per trial: the same job killed at a random point, then
 ``--resume``d, and compared with the reference. Kill points, drawn with ``--seed``:
@@ -10,7 +11,7 @@ One uninterrupted reference run, then per trial: the same job killed at a random
   - step:N / save:N / epoch:E / frozen:E: a random rank SIGKILLs itself at that point
     (train_llm.py --kill-at): after step N, inside step N's checkpoint (table saved, DeepSpeed's
     files not yet), before epoch E's score merge and mask freeze, right after it.
-Faults beside the kills (docs/reliability.md says what each must do):
+The deepspeed launcher tears the other rank down. Faults beside the kills (docs/reliability.md says what each must do):
   - shard: the trial's own copy of the shards; one shard damaged (each of corrupt: 16 bytes
     flipped, truncate: cut to half, delete, in an order rotated per trial) fails a fresh start,
     then, after a killed run (an in-process kill point, as above) and on a fresh cache (the
@@ -26,7 +27,7 @@ Faults beside the kills (docs/reliability.md says what each must do):
     for seconds, a start-up takes tens) must be refused naming the holder's host and pid, and the
     live one must finish unharmed.
 The corpus is written in small shards (SHARD_BYTES) so that a shard is a part of an epoch.
-The deepspeed launcher tears the other rank down. Compared with the reference: every rank's (epoch, sample id)
+Compared with the reference: every rank's (epoch, sample id)
 stream (lost and duplicated samples counted per epoch and rank), the step losses, the final
 table's masks and scores; and whether the killed run's DeepSpeed /dev/shm buffers were gone after
 the resume (train_llm removes stale ones at start, whatever their port). Tiny job: 200 windows of
