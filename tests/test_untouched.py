@@ -1,6 +1,8 @@
 """A loop that never heard of TED gets upstream's samples unchanged (issue 24 item 1): no extra
 keys until the loop calls start_epoch, `model(**batch)` works, and a column that would clash with
 ted_id / ted_weight is refused rather than overwritten."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -60,3 +62,28 @@ def test_a_column_named_ted_id_is_refused_not_overwritten(tmp_path):
     ds.start_epoch(0)
     with pytest.raises(ValueError, match=r"sample 3 already has a column named 'ted_id' \(value 'doc-3'\).*rename"):
         ds[3]
+
+
+def test_without_implicit_pruning_a_plain_loop_creates_and_fetches_nothing(tmp_path):
+    """With a remote, the table's home is <local>/ted, mirrored to <remote>/ted: a plain loop that
+    refuses implicit pruning never creates that folder nor asks the remote for a table; the first
+    TED call does both, and the table then lands at the remote."""
+    import os
+
+    from conftest import make_corpus
+
+    remote = make_corpus(tmp_path / "remote", 200)
+    local = str(tmp_path / "cache")
+    ds = TEDStreamingDataset(remote=remote, local=local, batch_size=8, ted=CFG, implicit_pruning=False)
+    loader = StreamingDataLoader(ds, batch_size=8)
+    for _ in range(2):
+        assert sum(len(b["label"]) for b in loader) == 200
+    state = loader.state_dict()
+    assert not os.path.exists(os.path.join(local, "ted")), "a plain loop touched the table folder"
+    ds.load_state_dict(state)
+    ds.record(np.arange(200), np.random.default_rng(0).normal(size=200))  # the first TED call opens it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # epoch 1 went whole as asked: nothing to warn about
+        assert ds.start_epoch(ds.upcoming_epoch()).kept < 200
+    assert os.path.exists(os.path.join(local, "ted", "table.tedt"))
+    assert os.path.exists(os.path.join(remote, "ted", "table.tedt"))  # uploaded beside index.json

@@ -96,7 +96,11 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
             table). Pruning then acts on the samples it keeps.
         implicit_pruning: whether an epoch without ``start_epoch`` is pruned from the table file
             (the scores an earlier run or another process saved there); default True, and
-            logged once per epoch with what it prunes and why. False iterates such epochs whole.
+            logged once per epoch with what it prunes and why, so the table is opened (and
+            fetched from a remote) at construction. False iterates such epochs whole and opens
+            the table only when the loop first needs it (``start_epoch``, ``record``, ``save_table``,
+            ``load_table``, a checkpoint's state): until then no folder is created and nothing
+            is downloaded.
         ted_keys: when samples gain ``ted_id`` (the global sample id, the key for ``record``) and
             ``ted_weight`` (the loss weight this epoch: 1 unless the policy rescales). ``"auto"``
             (default): once the loop has called ``start_epoch``, so a loop that never heard of TED
@@ -129,14 +133,15 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
         self.groups = groups
         self._epoch_size_all = self.epoch_size  # upstream's, restored for epochs that keep all
         index_dirs = [os.path.join(s.local, s.split or "") for s in self.streams]
-        fingerprint = index_fingerprint(index_dirs)
+        self._fingerprint = index_fingerprint(index_dirs)
         self._table_remote: Optional[str] = None
         if table_dir is None:
-            table_dir, self._table_remote = remote.table_home(self.streams, fingerprint["digest"])
-        table_path = os.path.join(table_dir, FILENAME)
-        self._pull_table(table_path, fingerprint, kwargs.get("download_timeout", 60.0))
-        # The node's copy is written by the local leader as streaming counts nodes (LOCAL_WORLD_SIZE).
-        self.pruner = Pruner(table_path, fingerprint, ted, leader=self.node_leader)
+            table_dir, self._table_remote = remote.table_home(self.streams, self._fingerprint["digest"])
+        self._table_path = os.path.join(table_dir, FILENAME)
+        self._download_timeout = kwargs.get("download_timeout", 60.0)
+        self._pruner: Optional[Pruner] = None
+        if implicit_pruning or sample_filter is not None:  # every rank reads the table from the start
+            self._open_table()
         self._filter: Optional[EpochMask] = None  # static keep bits (epoch -1: every epoch)
         if sample_filter is not None:
             self._filter = EpochMask.from_bools(-1, self._resolve_filter(sample_filter, table_dir))
@@ -218,7 +223,10 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
         mask frozen implicitly from the table *file*: every rank and worker reads the same file
         (it changes only in ``save_table``/``start_epoch``, which persist this mask first), so
         they all compute the same mask, without a collective. A file with no scores prunes nothing.
+        A table not opened yet (``implicit_pruning=False``, no TED call so far) has frozen nothing.
         """
+        if self._pruner is None:
+            return None
         mask = self.table.masks.get(epoch)
         if mask is not None:
             return mask
@@ -250,12 +258,32 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
         return select_within(self.ted, table, epoch, np.flatnonzero(self._filter.bools()), self._granule(), self.groups)
 
     # ---- where the table lives -----------------------------------------------------------------
-    def _pull_table(self, path: str, fingerprint: dict[str, Any], timeout: float) -> None:
-        """Install the durable remote copy of the table, if there is one, as the local copy: the
-        remote wins over a cache that may be stale or gone."""
+    @property
+    def pruner(self) -> Pruner:
+        """The table's scores, masks and persistence, opened on first use (a collective under
+        torch.distributed: every rank reaches it through the same call)."""
+        if self._pruner is None:
+            self._open_table()
+        assert self._pruner is not None
+        return self._pruner
+
+    @pruner.setter
+    def pruner(self, pruner: Pruner) -> None:
+        self._pruner = pruner
+
+    @property
+    def table_path(self) -> str:
+        return self._table_path
+
+    def _open_table(self) -> None:
+        # The durable remote copy, if any, wins over a local cache that may be stale or gone.
         if self._table_remote is not None:
             # uuid, not pid: pids repeat across the containers of a multi-node job
-            remote.download_table(self._table_remote, path, fingerprint, timeout, uuid.uuid4().hex)
+            remote.download_table(
+                self._table_remote, self._table_path, self._fingerprint, self._download_timeout, uuid.uuid4().hex
+            )
+        # The node's copy is written by the local leader as streaming counts nodes (LOCAL_WORLD_SIZE).
+        self._pruner = Pruner(self._table_path, self._fingerprint, self.ted, leader=self.node_leader)
 
     def _push_table(self) -> None:
         if self._table_remote is not None and self.global_rank == 0:
@@ -265,7 +293,7 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
         if not callable(spec):
             return sample_filters.keep_from_ids(spec, self.num_samples)
         path = sample_filters.cache_path(
-            table_dir, self.table.fingerprint["digest"], sample_filters.predicate_identity(spec)
+            table_dir, self._fingerprint["digest"], sample_filters.predicate_identity(spec)
         )
         keep = None
         if dist.rank() == 0:
@@ -362,17 +390,18 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
         ):
             return
         mask = self._mask_for(epoch)
-        if mask is None:  # nothing was scored when the epoch began: it pruned none of what it asked
+        if mask is None:  # refused (implicit_pruning=False), or nothing was scored when the epoch began
             count = self.num_samples if self._filter is None else self._filter.kept
             requested = round(pruned_fraction(self.ted, epoch) * count)
-            warnings.warn(
-                f"epoch {epoch} was iterated without start_epoch({epoch}) while the table file "
-                f"held no scores, so it pruned none of the {requested} samples the schedule asks "
-                "for; persist recorded scores with save_table() (or call start_epoch) before "
-                "an epoch begins",
-                PruningWarning,
-                stacklevel=3,
-            )
+            if self._implicit_pruning:
+                warnings.warn(
+                    f"epoch {epoch} was iterated without start_epoch({epoch}) while the table file "
+                    f"held no scores, so it pruned none of the {requested} samples the schedule asks "
+                    "for; persist recorded scores with save_table() (or call start_epoch) before "
+                    "an epoch begins",
+                    PruningWarning,
+                    stacklevel=3,
+                )
             mask = EpochMask.everything(epoch, self.num_samples, requested)
         self.table.masks[epoch] = mask
 
@@ -397,13 +426,18 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
         ``start_epoch``); upstream's length while it skips nothing."""
         if epoch in self._kept_sizes:  # len() is asked often: read the table file once per epoch
             return ceil(self._kept_sizes[epoch] / self.num_ranks)
-        if self._filter is None and epoch not in self.table.masks:
+        if self._filter is None and (self._pruner is None or epoch not in self.table.masks):
             implicit = self._implicit_pruning and pruned_fraction(self.ted, epoch) > 0
             if not implicit or self._mask_for(epoch) is None:  # the drop-in case reads no file
                 return self.length
         if epoch not in self._kept_sizes:
             self._kept_sizes[epoch] = len(self.resample_streams(epoch)[1])
         return ceil(self._kept_sizes[epoch] / self.num_ranks)
+
+    @property
+    def unpruned_rank_samples(self) -> int:
+        """Upstream's per-rank length: this rank's samples in an epoch that skips nothing."""
+        return self.length
 
     @property
     def loader_class(self) -> type:
@@ -423,7 +457,7 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
         state = super().state_dict(num_samples, from_beginning)
         mask = self._mask_for(state["epoch"]) if state["epoch"] >= 0 else None
         state["ted"] = {
-            "fingerprint": self.table.fingerprint["digest"],
+            "fingerprint": self._fingerprint["digest"],
             "epoch": state["epoch"],
             "mask_crc": None if mask is None else mask.crc,
             "granule": self._granule(),
@@ -434,10 +468,12 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
         obj = dict(obj)
         ted = obj.pop("ted", None)
         if ted is not None:
-            if ted["fingerprint"] != self.table.fingerprint["digest"]:
+            if self._pruner is None:  # a TED loop's checkpoint: its mask is checked against the table
+                self._open_table()
+            if ted["fingerprint"] != self._fingerprint["digest"]:
                 raise ValueError(
                     f"checkpoint was taken on dataset {ted['fingerprint'][:12]}, "
-                    f"this dataset is {self.table.fingerprint['digest'][:12]}"
+                    f"this dataset is {self._fingerprint['digest'][:12]}"
                 )
             mask = self._mask_for(ted["epoch"]) if ted["epoch"] >= 0 else None
             crc = None if mask is None else mask.crc
