@@ -83,8 +83,7 @@ class TEDProtocol:
     """Owns the TED side of a training loop over one ``PruningSource`` (MDS or tar shards).
 
     dataset: the pruning dataset; its ``batch_size`` is the per-rank micro-batch. Its loader (for
-        ``checkpoint``/``restore``): its ``loader_class`` (streaming's ``StreamingDataLoader``, or
-        ``TEDWebLoader``).
+        ``checkpoint``/``restore``): its ``loader_class``.
     model: the module to score (under DeepSpeed the model before ``deepspeed.initialize`` or
         ``engine.module``); not needed for the ``loss`` reading.
     scorer: a ``ted_stream.config.ScorerSettings``, or the ``"scorer"`` object of a ``"ted"``

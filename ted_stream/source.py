@@ -2,8 +2,7 @@
 
 ``TEDStreamingDataset`` (MDS shards, ``loaders/streaming.py``) and ``TEDWebDataset`` (indexed tar
 shards, ``loaders/wds.py``) implement it; ``TEDProtocol`` and the Trainer integration use nothing
-else, so a third format is one new loader module (plus, for the Trainer, the entry of its
-``loader_class`` in ``integrations/hf.py``).
+else, so a third format is one new loader module.
 """
 
 from __future__ import annotations
@@ -33,6 +32,10 @@ class PruningSource(Protocol):
         """Samples in the dataset, pruned or not."""
 
     @property
+    def unpruned_rank_samples(self) -> int:
+        """Samples this rank reads in an epoch that skips nothing (a Trainer sizes its schedule by it)."""
+
+    @property
     def table(self) -> ScoreTable: ...
 
     @property
@@ -41,7 +44,7 @@ class PruningSource(Protocol):
     @property
     def loader_class(self) -> type:
         """The DataLoader that keeps this dataset's position for an exact resume (``state_dict`` /
-        ``load_state_dict``)."""
+        ``load_state_dict``), built as ``loader_class(dataset, batch_size=dataset.batch_size, ...)``."""
 
     def upcoming_epoch(self) -> int:
         """The epoch the loader iterates next: a loaded checkpoint's epoch until it is iterated."""

@@ -25,7 +25,8 @@ pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments  # noqa: E402
 
 from ted_stream import TEDConfig, TEDStreamingDataset, TEDWebDataset  # noqa: E402
-from ted_stream.integrations.hf import STATE_FILE, TEDTrainer, TEDWebTrainerLoader  # noqa: E402
+from ted_stream.integrations.hf import STATE_FILE, TEDTrainer  # noqa: E402
+from ted_stream.loaders.wds import TEDWebLoader  # noqa: E402
 from ted_stream.prepare import write_mds  # noqa: E402
 from ted_stream.loaders.wds_index import MANIFEST, prepare_shards  # noqa: E402
 from ted_stream.protocol import TABLE_FILE  # noqa: E402
@@ -143,7 +144,7 @@ def reference(request, tmp_path_factory):
     else:
         t = trainer(corpus, root / "out", root / "table", save_strategy="no")
         t.add_callback(SaveAt(*RESUME_STEPS))
-        assert type(t.get_train_dataloader()) is TEDWebTrainerLoader  # the exact path's, handed over as is
+        assert isinstance(t.get_train_dataloader(), TEDWebLoader)  # the exact path's, handed over as is
     t.train()
     run = {"ids": t.ids, "weights": t.weights, "log": t.state.log_history, "root": root, "corpus": corpus,
            "table": ScoreTable.load(t.train_dataset.table_path), "ds_kept": {},

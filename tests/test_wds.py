@@ -416,7 +416,9 @@ def test_docs_training_loop_resumes_exactly(capsys):
 
 def test_loader_refuses_what_the_dataset_decides(shards):
     ds = dataset(shards)
-    with pytest.raises(ValueError, match=r"TEDWebLoader got \['batch_size', 'shuffle'\]: expected none of them"):
-        TEDWebLoader(ds, batch_size=8, shuffle=True)
+    with pytest.raises(ValueError, match=r"TEDWebLoader got batch_size=3 \(the dataset's is \d+\), shuffle: "
+                                         "expected none of them"):
+        TEDWebLoader(ds, batch_size=3, shuffle=True)
+    assert TEDWebLoader(ds, batch_size=ds.batch_size).batch_size == ds.batch_size  # the dataset's own is fine
     with pytest.raises(TypeError, match="dataset is a list: expected a TEDWebDataset"):
         TEDWebLoader([1, 2])

@@ -7,8 +7,8 @@
 dataset (a ``ted_stream.source.PruningSource``: MDS shards or indexed WebDataset tar shards) as
 ``train_dataset`` and runs the TED protocol (``ted_stream.protocol``):
 
-* the loader is streaming's ``StreamingDataLoader`` (or, for tar shards, the exact path's
-  ``TEDWebLoader``), handed to the Trainer as is: the dataset already partitions the epoch by
+* the loader is the dataset's own ``loader_class`` (streaming's for MDS shards, the exact
+  path's for tar shards), handed to the Trainer as is: the dataset already partitions the epoch by
   rank, so accelerate must neither shard nor dispatch it;
 * each epoch's keep-mask is frozen when the Trainer calls the loader's ``set_epoch``, and the
   loader's length is the epoch's (pruned) number of batches;
@@ -37,11 +37,9 @@ except ImportError as e:  # the core install has no transformers
     ) from e
 
 import torch
-from streaming import StreamingDataLoader
 from torch import Tensor
 
 from ..config import ScorerSettings
-from ..loaders.wds import TEDWebLoader
 from ..protocol import TEDProtocol, deepspeed_loss_scale
 from ..scorer import per_sample_ce, per_sample_lm_loss
 from ..source import PruningSource, model_inputs, require_source
@@ -50,8 +48,7 @@ __all__ = [
     "TEDTrainer",
     "TEDTrainerMixin",
     "TEDCallback",
-    "TEDLoader",
-    "TEDWebTrainerLoader",
+    "trainer_loader",
     "causal_lm_loss",
     "refuse_data_parallel",
     "STATE_FILE",
@@ -100,46 +97,26 @@ class _TrainerEpochs:
         self._started = True
         self.on_epoch(self.protocol.start_epoch())
 
-    def _unpruned_samples(self) -> int:
-        raise NotImplementedError
-
     def __len__(self) -> int:
         if not self._started:
-            return ceil(self._unpruned_samples() / self.dataset.batch_size)
+            return ceil(self.dataset.unpruned_rank_samples / self.dataset.batch_size)
         return self.protocol.remaining()
 
 
-class TEDLoader(_TrainerEpochs, StreamingDataLoader):
-    """streaming's loader for MDS shards (see ``_TrainerEpochs``)."""
-
-    def __init__(
-        self, dataset: PruningSource, protocol: TEDProtocol, on_epoch: Callable[[dict[str, int]], None], **kwargs: Any
-    ) -> None:
-        super().__init__(dataset, batch_size=dataset.batch_size, **kwargs)
-        self._follow(protocol, on_epoch)
-
-    def _unpruned_samples(self) -> int:
-        return self.dataset.length
+_TRAINER_LOADERS: dict[type, type] = {}  # made once per dataset loader_class
 
 
-class TEDWebTrainerLoader(_TrainerEpochs, TEDWebLoader):
-    """The exact path's loader for tar shards (see ``_TrainerEpochs``)."""
-
-    def __init__(
-        self, dataset: Any, protocol: TEDProtocol, on_epoch: Callable[[dict[str, int]], None], **kwargs: Any
-    ) -> None:
-        super().__init__(dataset, **kwargs)
-        self._follow(protocol, on_epoch)
-
-    def _unpruned_samples(self) -> int:
-        return ceil(self.dataset.num_samples / self.dataset.world_size)
-
-
-# The Trainer's loader for each dataset's loader_class.
-_TRAINER_LOADERS: dict[type, Callable[..., _TrainerEpochs]] = {
-    StreamingDataLoader: TEDLoader,
-    TEDWebLoader: TEDWebTrainerLoader,
-}
+def trainer_loader(
+    dataset: PruningSource, protocol: TEDProtocol, on_epoch: Callable[[dict[str, int]], None], **kwargs: Any
+) -> _TrainerEpochs:
+    """The dataset's own ``loader_class`` (which keeps its position for an exact resume) with the
+    epochs the Trainer sees (``_TrainerEpochs``); kwargs are the loader's (``collate_fn``, ...)."""
+    base = dataset.loader_class
+    if base not in _TRAINER_LOADERS:
+        _TRAINER_LOADERS[base] = type(f"Trainer{base.__name__}", (_TrainerEpochs, base), {"__module__": __name__})
+    loader = _TRAINER_LOADERS[base](dataset, batch_size=dataset.batch_size, **kwargs)
+    loader._follow(protocol, on_epoch)
+    return loader
 
 
 class TEDCallback(TrainerCallback):
@@ -157,7 +134,7 @@ class TEDCallback(TrainerCallback):
         ted = self.trainer.ted
         ted.end_epoch()
         self.trainer._log_ted_rows()
-        # A resumed Trainer may plan more epochs than are left (see TEDLoader.set_epoch).
+        # A resumed Trainer may plan more epochs than are left (see _TrainerEpochs.set_epoch).
         if ted.epochs is not None and ted.epoch + 1 >= ted.epochs:
             control.should_training_stop = True
 
@@ -229,14 +206,13 @@ class TEDTrainerMixin(_TrainerBase):
 
     # ---- data ----------------------------------------------------------------------------------
     def get_train_dataloader(self) -> Any:  # a _TrainerEpochs
-        """The dataset's own loader (``TEDLoader`` or ``TEDWebTrainerLoader``), not passed through
-        accelerate (which would re-shard it by rank)."""
+        """The dataset's own loader (see ``trainer_loader``), not passed through accelerate (which
+        would re-shard it by rank)."""
         if self._ted_loader is None:
             targs = self.args
             workers = targs.dataloader_num_workers
             extra = {"prefetch_factor": targs.dataloader_prefetch_factor} if workers else {}
-            kind = _TRAINER_LOADERS[self.ted.dataset.loader_class]
-            self._ted_loader = kind(
+            self._ted_loader = trainer_loader(
                 self.ted.dataset,
                 self.ted,
                 self._log_epoch_start,
@@ -275,7 +251,7 @@ class TEDTrainerMixin(_TrainerBase):
         return_outputs: bool = False,
         num_items_in_batch: Optional[Tensor] = None,
     ) -> Any:
-        if "ted_id" not in inputs or not model.training:  # evaluation, or a batch not from TEDLoader
+        if "ted_id" not in inputs or not model.training:  # evaluation, or a batch not from the TED loader
             return super().compute_loss(model, model_inputs(inputs), return_outputs, num_items_in_batch)
         batch = {"ted_id": inputs.pop("ted_id"), "ted_weight": inputs.pop("ted_weight")}
         labels = inputs.pop("labels")

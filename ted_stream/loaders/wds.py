@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from math import ceil
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -211,6 +212,11 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
     def rank_samples(self, epoch: int) -> int:
         """Samples this rank serves in ``epoch`` (frozen)."""
         return len(self.rank_ids(epoch))
+
+    @property
+    def unpruned_rank_samples(self) -> int:
+        """This rank's samples in an epoch that skips nothing."""
+        return ceil(self.num_samples / self.world_size)
 
     @property
     def loader_class(self) -> type:
@@ -552,12 +558,15 @@ class TEDWebLoader(torch.utils.data.DataLoader):
     def __init__(self, dataset: TEDWebDataset, **kwargs: Any) -> None:
         if not isinstance(dataset, TEDWebDataset):
             raise TypeError(f"dataset is a {type(dataset).__name__}: expected a TEDWebDataset")
-        fixed = sorted(k for k in ("batch_size", "sampler", "batch_sampler", "shuffle", "drop_last") if k in kwargs)
+        fixed: list[str] = sorted(k for k in ("sampler", "batch_sampler", "shuffle", "drop_last") if k in kwargs)
+        if kwargs.get("batch_size", dataset.batch_size) != dataset.batch_size:
+            fixed.insert(0, f"batch_size={kwargs['batch_size']} (the dataset's is {dataset.batch_size})")
         if fixed:
             raise ValueError(
-                f"TEDWebLoader got {fixed}: expected none of them (the dataset's batch_size and "
+                f"TEDWebLoader got {', '.join(fixed)}: expected none of them (the dataset's batch_size and "
                 "sampler decide the order, and no kept sample is dropped)"
             )
+        kwargs.pop("batch_size", None)
         super().__init__(dataset, batch_size=dataset.batch_size, sampler=dataset.sampler, **kwargs)
         self._position: tuple[Optional[int], int] = (None, 0)  # (epoch, samples this rank took from it)
 
