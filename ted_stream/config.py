@@ -287,12 +287,13 @@ def split_config(
     """
     where = ""
     if isinstance(config, (str, os.PathLike)):
-        where = f"{os.fspath(config)}: "
+        path = os.fspath(config)
+        where = f"{path}: "
         try:
-            with open(config) as f:
+            with open(path) as f:
                 config = json.load(f)
         except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read the config {os.fspath(config)}: {e}") from None
+            raise ValueError(f"cannot read the config {path}: {e}") from None
     if not isinstance(config, Mapping):
         raise ValueError(f"{where}the config must be a JSON object, got {type(config).__name__}")
     rest = dict(config)

@@ -14,7 +14,7 @@ import types
 import uuid
 import zlib
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import numpy as np
 from tqdm import tqdm
@@ -50,7 +50,7 @@ def predicate_identity(fn: Callable[..., Any]) -> str:
             f"sample_filter={fn!r} has no __code__: expected a function or a lambda (wrap a callable object in one)"
         )
     h = hashlib.sha256()
-    _hash_function(h, fn, set())
+    _hash_function(h, cast(types.FunctionType, fn), set())  # anything with __code__ is hashed as one
     return h.hexdigest()
 
 

@@ -153,13 +153,14 @@ def _ted(
         drop |= top
         candidates &= ~top
         k_new -= _count(top)
-    pool = None
+    pool: Optional[np.ndarray] = None
+    parts: list[tuple[np.ndarray, int]]
     if groups is None:
         parts = [(candidates, k_new)]
     else:
         labels = np.unique(groups[candidates])
-        members = [candidates & (groups == g) for g in labels]  # O(n) per group: meant for classes
-        parts = list(zip(members, _shares(k_new, np.array([_count(m) for m in members]))))
+        in_group = [candidates & (groups == g) for g in labels]  # O(n) per group: meant for classes
+        parts = list(zip(in_group, (int(k) for k in _shares(k_new, np.array([_count(m) for m in in_group])))))
     rest, rest_drops = 0, 0  # candidates outside the pool, and how many alpha < 1 pruned there
     for members, k_part in parts:
         size = _count(members)
@@ -174,6 +175,7 @@ def _ted(
             pool = part_pool
         else:
             pool |= part_pool
+    assert pool is not None  # one part at least: the candidates, or one per group present
     if cfg.rescale:
         # Inverse inclusion probabilities per side: the pool's survivors carry the pool's mass,
         # the rest's survivors the rest's (unscored samples, never pruned, weigh as the rest).
