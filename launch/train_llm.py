@@ -614,8 +614,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         ted_state = protocol.checkpoint(os.path.join(ckpt_dir, tag), loader)
         ctx.barrier()
         kill_point("save", state["step"])
+        # DeepSpeed's rank 0 writes `latest` once its own files are saved, before the other ranks'
+        # are: a rank killed then (its launcher SIGKILLed, say) left `latest` naming a torn
+        # checkpoint that no resume could load. Written here once save_checkpoint's closing
+        # barrier says every rank's files are complete.
         engine.save_checkpoint(ckpt_dir, tag=tag, client_state={
-            "ted_protocol": ted_state, "train": dict(state), "ted": ted.to_dict()})
+            "ted_protocol": ted_state, "train": dict(state), "ted": ted.to_dict()}, save_latest=False)
+        if ctx.is_leader:
+            with open(os.path.join(ckpt_dir, "latest.tmp"), "w") as f:
+                f.write(tag)
+            os.replace(os.path.join(ckpt_dir, "latest.tmp"), os.path.join(ckpt_dir, "latest"))
         if ctx.is_leader and args.keep_checkpoints > 0:
             tags = sorted((d for d in os.listdir(ckpt_dir) if d.startswith("step")), key=lambda d: int(d[4:]))
             for old in tags[: -args.keep_checkpoints]:
