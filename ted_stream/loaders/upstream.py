@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from concurrent.futures import Future
 from typing import Any, Optional
 
 from streaming import StreamingDataset
@@ -33,28 +32,20 @@ class UpstreamDataset(StreamingDataset):
         return epoch, sample_in_epoch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        # Upstream ends an epoch early, without raising, when its download thread fails (the
-        # exception goes to a future's callback): a missing or damaged shard would silently
-        # shorten the epoch. Raise instead, naming the shard.
-        self._background_error: Optional[BaseException] = None
+        # Upstream ends an epoch early, without raising, when a shard fails in its download
+        # threads: a missing or damaged shard would silently shorten the epoch. Raise instead,
+        # naming the shard, once upstream's threads have stopped.
+        self._background_error: Optional[ShardError] = None
         yield from super().__iter__()
         if self._background_error is not None:
             raise self._background_error
-        if self._event.is_set():  # private: set by upstream's threads on any failure
+        if self._event.is_set():  # private: upstream's "a thread failed" flag
             it = self._iterator  # private: upstream's per-epoch iteration state
             shard = self._shard_name(int(it.sample_ids[min(it.yield_index, it.total - 1)]))
             raise ShardError(
                 f"the epoch ended after {it.yield_index} of this worker's {it.total} samples: a "
                 f"background thread failed at or before shard {shard} (its traceback is in the log)"
             )
-
-    def on_exception(self, future: Future) -> None:
-        # Runs in the pool thread, where a raised exception is only logged: keep it for __iter__
-        # and stop the other threads as upstream does, without upstream's re-raise (a traceback
-        # on stderr per failed thread, beside the ShardError that names the shard).
-        if future.exception() is not None:
-            self._background_error = future.exception()
-            self._event.set()  # private: upstream's "a thread failed" flag
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
         try:
@@ -64,10 +55,18 @@ class UpstreamDataset(StreamingDataset):
             # waits for it to turn LOCAL forever. Mark it LOCAL: their wait ends, and their own read
             # finds its file missing, prepares it again and fails as loudly.
             self._shard_states[shard_id] = _ShardState.LOCAL  # private: the node's shard states
-            raise ShardError(
+            error = ShardError(
                 f"shard {self._shard_name_of(shard_id)} could not be prepared ({type(err).__name__}: {err}): "
                 "expected a complete shard as written (is it missing, truncated or damaged at its remote?)"
-            ) from err
+            )
+            error.__cause__ = err
+            if hasattr(self, "_event"):  # iterating: stop upstream's threads, as upstream does on failure
+                self._event.set()  # private: upstream's "a thread failed" flag
+            if blocking:  # get_item, in the iterating thread: raise there
+                raise error from err
+            # A download thread (they call it non-blocking): a thread that raises never reports its
+            # exit, and upstream's end of epoch waits for that report forever. __iter__ raises it.
+            self._background_error = error
 
     def _shard_name(self, sample_id: int) -> str:
         return self._shard_name_of(self.spanner[sample_id][0])  # private: sample id -> shard id
