@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .mask import pack, unpack
+
 if TYPE_CHECKING:
     from .table import ScoreTable
 
@@ -46,13 +48,13 @@ def route(
 def encode_delta(scores: np.ndarray, updated: np.ndarray, touched: np.ndarray) -> np.ndarray:
     """A slice's changes: its touched bits (packed), then the touched samples' bfloat16 scores and
     last-update epochs; 3 bytes per changed sample plus one bit per sample of the slice."""
-    return np.concatenate([np.packbits(touched, bitorder="little"), scores[touched].view(np.uint8), updated[touched]])
+    return np.concatenate([pack(touched), scores[touched].view(np.uint8), updated[touched]])
 
 
 def decode_delta(data: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(touched, scores, updated) of a slice of ``size`` samples from ``encode_delta``'s bytes."""
     nbits = (size + 7) // 8
-    touched = np.unpackbits(data[:nbits], bitorder="little", count=size).astype(bool)
+    touched = unpack(data[:nbits], size)
     changed = int(np.count_nonzero(touched))
     if len(data) != nbits + 3 * changed:
         raise ValueError(
