@@ -53,3 +53,21 @@ def test_intact_shards_serve_every_sample(tmp_path):
     child = subprocess.run([sys.executable, "-c", CHILD, remote, str(tmp_path / "cache"), "2"],
                            capture_output=True, text=True, timeout=600)
     assert child.returncode == 0 and "SERVED 2000" in child.stdout, child.stderr[-3000:]
+
+
+def test_a_damaged_file_in_the_local_cache_is_named(tmp_path):
+    """A shard decompressed by an earlier epoch is read from its .mds file, which no hash guards:
+    a truncated one raises naming the shard instead of an unnamed IndexError or decode error."""
+    from ted_stream import TEDStreamingDataset
+    from ted_stream.loaders.upstream import ShardError
+
+    remote = make_corpus(tmp_path / "remote", 600, shard_bytes=4000)
+    local = str(tmp_path / "cache")
+    ds = TEDStreamingDataset(remote=remote, local=local, batch_size=8)
+    assert len(list(ds)) == 600  # every shard now decompressed in the cache
+    raw = sorted(glob.glob(os.path.join(local, "shard.*.mds")))[1]
+    with open(raw, "r+b") as f:
+        f.truncate(os.path.getsize(raw) // 3)
+    with pytest.raises(ShardError, match=r"sample \d+ of shard .*shard\.00001\.mds\.zstd could not be read"):
+        for sample_id in range(600):
+            ds.get_item(sample_id)

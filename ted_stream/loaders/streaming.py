@@ -36,7 +36,7 @@ from ..schedule import pruned_fraction
 from ..source import ID_KEY, WEIGHT_KEY, add_ted_keys
 from ..table import FILENAME, ScoreTable
 from . import remote
-from .upstream import UpstreamDataset, epoch_start_state
+from .upstream import ShardError, UpstreamDataset, epoch_start_state
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +202,16 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
         self._iter_mask = self._mask_for(epoch)
 
     def get_item(self, sample_id: int, retry: int = 7) -> Any:
-        sample = super().get_item(sample_id, retry)
+        try:
+            sample = super().get_item(sample_id, retry)
+        except ShardError:
+            raise
+        except Exception as err:  # a damaged shard file already in the cache fails here, unnamed
+            raise ShardError(
+                f"sample {sample_id} of shard {self._shard_name(sample_id)} could not be read "
+                f"({type(err).__name__}: {err}): expected a complete shard as written (is its "
+                "decompressed file in the local cache damaged or truncated? delete it to fetch it again)"
+            ) from err
         if self._ted_keys == "never" or (self._ted_keys == "auto" and not self._loop_started):
             return sample  # upstream's sample, untouched
         if self._iter_epoch is not None:
