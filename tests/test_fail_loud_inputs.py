@@ -10,6 +10,7 @@ import torch
 from conftest import make_corpus
 from ted_stream import TEDConfig, TEDStreamingDataset
 from ted_stream.cli import main
+from ted_stream.loaders.upstream import ShardError
 from ted_stream.prepare import read_corpus, write_mds
 from ted_stream.table import BF16_MAX, ScoreTable, bf16_to_f32, copy_atomic, f32_to_bf16
 
@@ -114,7 +115,9 @@ def test_damaged_shard_is_refused_with_validate_hash(tmp_path):
     assert not os.path.exists(os.path.join(folder, index["shards"][1]["raw_data"]["basename"]))  # decompressed on read
     ds = TEDStreamingDataset(local=folder, batch_size=4, validate_hash="xxh64", ted=TEDConfig())
     first_of_shard = index["shards"][0]["samples"]
-    # get_item reads the shard in this thread (iteration would decompress it in streaming's
-    # background thread, whose failure ends the epoch early instead of raising: issue 24 item 4)
-    with pytest.raises(ValueError, match=f"Checksum failure: .*{zip_name}"):
+    checksum = rf"shard .*{zip_name} could not be prepared \(ValueError: Checksum failure: .*{zip_name}"
+    with pytest.raises(ShardError, match=checksum):  # read in this thread
         ds.get_item(first_of_shard)
+    ds = TEDStreamingDataset(local=folder, batch_size=4, validate_hash="xxh64", ted=TEDConfig())
+    with pytest.raises(ShardError, match=checksum):  # decompressed by streaming's download thread
+        list(ds)

@@ -3,6 +3,7 @@ torch.cuda.set_device, a barrier between a node leader's table save and any rank
 checkpoint's table copy on every node, and two copies to one shared path by equal pids."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import shutil
@@ -33,8 +34,10 @@ def test_two_node_leaders_clear_one_shared_table(tmp_path, monkeypatch):
     shared = tmp_path / "ted"
     shared.mkdir()
     (shared / FILENAME).write_bytes(b"an earlier run's table")
-    leaders = [SimpleNamespace(node=node, is_local_leader=True, barrier=lambda: None) for node in (0, 1)]
-    args = SimpleNamespace(table_dir=str(shared))
+    # node 0's leader is global rank 0, which claims the folder for the job (one process here: world 1)
+    leaders = [SimpleNamespace(node=node, is_local_leader=True, is_leader=node == 0, world=1, barrier=lambda: None)
+               for node in (0, 1)]
+    args = argparse.Namespace(table_dir=str(shared))  # the job lock lives as long as the launcher's args
     # Both leaders saw the file before either removed it (exists-then-unlink raced here).
     real_exists = os.path.exists
     monkeypatch.setattr(mod.os.path, "exists", lambda p: p == str(shared / FILENAME) or real_exists(p))

@@ -22,8 +22,8 @@ class Model(torch.nn.Module):
 def test_a_plain_loop_gets_upstreams_batches_and_model_star_star_batch_works(corpus):
     ted = TEDStreamingDataset(local=corpus, batch_size=8, shuffle=True, shuffle_seed=3, ted=CFG)
     plain = StreamingDataset(local=corpus, batch_size=8, shuffle=True, shuffle_seed=3)
-    for ted_batch, plain_batch in zip(StreamingDataLoader(ted, batch_size=8), StreamingDataLoader(plain, batch_size=8),
-                                      strict=True):
+    plain_batches = list(StreamingDataLoader(plain, batch_size=8))  # one at a time: both decompress into corpus
+    for ted_batch, plain_batch in zip(StreamingDataLoader(ted, batch_size=8), plain_batches, strict=True):
         assert ted_batch.keys() == plain_batch.keys() == {"label", "text"}
         assert ted_batch["text"] == plain_batch["text"]
         Model()(**ted_batch)
