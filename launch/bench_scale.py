@@ -125,8 +125,8 @@ def simulate(n: int, ranks: int) -> dict:
     mask_bytes = len(mask.to_bytes())
     row["bytes_per_rank"] = {
         "allgather": width * total,
-        "owner_max": int(width * got.max() + mask_bytes),
-        "holder_max": int(width * got.max() + delta_bytes + mask_bytes),
+        "owner_max": int(width * got.max() + 16 * ranks),  # the mask: from the node's file
+        "holder_max": int(width * got.max() + 16 * ranks + delta_bytes + mask_bytes),
         "target": int(8 * n / ranks + n / 8),
     }
     row["next_epoch"] = partition(np.flatnonzero(mask.bools()), ranks)

@@ -156,8 +156,10 @@ class Pruner:
     def freeze(self, epoch: int, choose: Selector) -> EpochMask:
         """The keep-mask of ``epoch``, bit-identical on every rank (collective); persisted.
 
-        Rank 0 runs ``choose`` on its merged table. A mask already in the table (a resumed run)
-        is kept, never recomputed.
+        Rank 0 runs ``choose`` on its merged table and sends the mask to the ranks that hold the
+        whole table (each node's leader); the other ranks read it from the node's file, which
+        ``save`` maps on every rank, so the mask crosses the network once per node, not per rank.
+        A mask already in the table (a resumed run) is kept, never recomputed.
         """
         self.sync()
         self.table.epoch = epoch
@@ -165,11 +167,11 @@ class Pruner:
         if mask is None and dist.rank() == 0:
             mask = choose(self.table, epoch)
         if dist.active():
-            mask = self._broadcast(epoch, mask)
-        assert mask is not None  # rank 0 chose it, every other rank received it
-        self.table.masks[epoch] = mask
+            mask = self._to_holders(epoch, mask)
+        if mask is not None:
+            self.table.masks[epoch] = mask
         self.save()
-        return mask
+        return self.table.masks[epoch]
 
     def save(self) -> None:
         """Merge scores (collective) and write the table atomically from each node's leader; then
@@ -198,9 +200,12 @@ class Pruner:
             self.load_file()
         return self.table.masks.get(epoch)
 
-    def _broadcast(self, epoch: int, mask: Optional[EpochMask]) -> EpochMask:
-        data = dist.broadcast_bytes(mask.to_bytes() if dist.rank() == 0 and mask is not None else None)
-        return EpochMask.from_bytes(epoch, data, self.num_samples)
+    def _to_holders(self, epoch: int, mask: Optional[EpochMask]) -> Optional[EpochMask]:
+        """Rank 0's ``mask`` on every rank of ``_holders`` (set by ``sync``); None elsewhere."""
+        assert self._holders is not None  # sync ran first
+        mine = mask.to_bytes() if dist.rank() == 0 and mask is not None else np.empty(0, np.uint8)
+        got = dist.gather_at(mine, self._holders)
+        return None if got is None else EpochMask.from_bytes(epoch, got[0], self.num_samples)
 
 
 _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)

@@ -89,7 +89,7 @@ class Traffic:
     """Bytes one rank receives in one epoch's merge and freeze, by kind of rank."""
 
     allgather: int  # today's all-gather: every record of the epoch, on every rank
-    owner: int  # a rank that holds no whole table: its slice's records, then the mask
+    owner: int  # a rank that holds no whole table: its slice's records (the mask it reads from the node's file)
     holder: int  # a node leader (or rank 0): its slice's records, every slice delta, the mask
 
 
@@ -97,6 +97,7 @@ def traffic(num_samples: int, ranks: int, records: int, changed: int, mask_bytes
     """The merge's bytes received per rank, for ``records`` records of the epoch spread evenly over
     the ranks and ids, of which ``changed`` distinct samples; ``mask_bytes`` the frozen mask's size."""
     width = id_dtype(num_samples).itemsize + 4
-    own = width * -(-records // ranks)
+    sizes = 2 * 8 * ranks  # every rank's byte count, exchanged before the deltas and before the mask
+    own = width * -(-records // ranks) + sizes
     deltas = (num_samples + 7) // 8 + 3 * changed
-    return Traffic(allgather=width * records, owner=own + mask_bytes, holder=own + deltas + mask_bytes)
+    return Traffic(allgather=width * records, owner=own, holder=own + deltas + mask_bytes)
