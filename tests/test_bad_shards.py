@@ -71,3 +71,14 @@ def test_a_damaged_file_in_the_local_cache_is_named(tmp_path):
     with pytest.raises(ShardError, match=r"sample \d+ of shard .*shard\.00001\.mds\.zstd could not be read"):
         for sample_id in range(600):
             ds.get_item(sample_id)
+
+
+def test_an_index_out_of_range_keeps_upstreams_error(tmp_path):
+    from ted_stream import TEDStreamingDataset
+    from ted_stream.loaders.upstream import ShardError
+
+    ds = TEDStreamingDataset(local=make_corpus(tmp_path / "data", 100), batch_size=8)
+    with pytest.raises(Exception) as caught:
+        ds.get_item(10**6)
+    assert not isinstance(caught.value, ShardError)  # not blamed on a shard
+    assert caught.value.__context__ is None  # upstream's error itself, not one raised while naming a shard

@@ -207,6 +207,8 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
         except ShardError:
             raise
         except Exception as err:  # a damaged shard file already in the cache fails here, unnamed
+            if not 0 <= sample_id < self.num_samples:  # a bad index: upstream's own error says so
+                raise
             raise ShardError(
                 f"sample {sample_id} of shard {self._shard_name(sample_id)} could not be read "
                 f"({type(err).__name__}: {err}): expected a complete shard as written (is its "
