@@ -41,6 +41,7 @@ from ted_stream import TEDStreamingDataset
 from ted_stream.loaders import streaming as ted_streaming
 
 BATCH = 64
+_get_worker_info = ted_streaming.get_worker_info  # restored after each simulated worker read
 
 
 def read_cost(ds: StreamingDataset, n: int, as_worker: bool) -> float:
@@ -57,8 +58,6 @@ def read_cost(ds: StreamingDataset, n: int, as_worker: bool) -> float:
     finally:
         ted_streaming.get_worker_info = _get_worker_info
 
-
-_get_worker_info = ted_streaming.get_worker_info
 
 
 def main() -> None:
