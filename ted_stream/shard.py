@@ -4,9 +4,9 @@ Rank r owns the contiguous ids [bounds[r], bounds[r + 1]). At a merge, every ran
 its (id, score) records to the owner of the id (an all-to-all: 32-bit ids while they fit, float32
 scores); the owner folds them into its slice of the table in source-rank order (the order the
 former all-gather folded them in, so the EMA is bit-identical) and sends the slice's changes, a
-slice delta, to the ranks that hold the whole table (each node's leader, which writes the node's
-file, and rank 0, which freezes). Pure functions: no collective here, so a simulation of a
-thousand ranks runs them in one process.
+slice delta (its touched bits, their scores and one epoch byte), to the ranks that hold the whole
+table (each node's leader, which writes the node's file, and rank 0, which freezes). Pure
+functions: no collective here, so a simulation of a thousand ranks runs them in one process.
 """
 
 from __future__ import annotations
@@ -46,22 +46,28 @@ def route(
 
 
 def encode_delta(scores: np.ndarray, updated: np.ndarray, touched: np.ndarray) -> np.ndarray:
-    """A slice's changes: its touched bits (packed), then the touched samples' bfloat16 scores and
-    last-update epochs; 3 bytes per changed sample plus one bit per sample of the slice."""
-    return np.concatenate([pack(touched), scores[touched].view(np.uint8), updated[touched]])
+    """A slice's changes: its touched bits (packed), the touched samples' bfloat16 scores, then their
+    last-update epoch once: a merge folds every touched sample in the same epoch, so it is one value.
+    2 bytes per changed sample plus one bit per sample of the slice (and one byte)."""
+    epochs = np.unique(updated[touched])
+    if len(epochs) > 1:
+        raise ValueError(f"a slice delta's touched samples were updated in epochs {epochs.tolist()}: expected one")
+    return np.concatenate([pack(touched), scores[touched].view(np.uint8), epochs.astype(np.uint8)])
 
 
-def decode_delta(data: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(touched, scores, updated) of a slice of ``size`` samples from ``encode_delta``'s bytes."""
+def decode_delta(data: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(touched, scores, updated) of a slice of ``size`` samples from ``encode_delta``'s bytes;
+    ``updated`` is the touched samples' one last-update epoch."""
     nbits = (size + 7) // 8
     touched = unpack(data[:nbits], size)
     changed = int(np.count_nonzero(touched))
-    if len(data) != nbits + 3 * changed:
+    expected = nbits + 2 * changed + (1 if changed else 0)
+    if len(data) != expected:
         raise ValueError(
             f"a slice delta of {len(data)} bytes does not fit {size} samples with {changed} changed: "
-            f"expected {nbits + 3 * changed}"
+            f"expected {expected}"
         )
-    return touched, data[nbits : nbits + 2 * changed].view(np.uint16), data[nbits + 2 * changed :]
+    return touched, data[nbits : nbits + 2 * changed].view(np.uint16), int(data[-1]) if changed else 0
 
 
 def fold_owned(table: ScoreTable, ids: np.ndarray, values: np.ndarray, lo: int, hi: int) -> np.ndarray:
@@ -99,5 +105,5 @@ def traffic(num_samples: int, ranks: int, records: int, changed: int, mask_bytes
     width = id_dtype(num_samples).itemsize + 4
     sizes = 2 * 8 * ranks  # every rank's byte count, exchanged before the deltas and before the mask
     own = width * -(-records // ranks) + sizes
-    deltas = (num_samples + 7) // 8 + 3 * changed
+    deltas = (num_samples + 7) // 8 + 2 * changed + ranks
     return Traffic(allgather=width * records, owner=own, holder=own + deltas + mask_bytes)

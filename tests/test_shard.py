@@ -83,14 +83,21 @@ def test_fold_refuses_records_outside_the_owners_range():
 def test_delta_round_trips_and_refuses_a_wrong_length():
     rng = np.random.default_rng(2)
     scores = rng.integers(0, 1 << 16, 1001).astype(np.uint16)
-    updated = rng.integers(0, 255, 1001).astype(np.uint8)
     touched = rng.random(1001) < 0.3
+    updated = np.where(touched, 7, rng.integers(0, 255, 1001)).astype(np.uint8)  # one merge: one epoch
     data = shard.encode_delta(scores, updated, touched)
-    assert len(data) == 126 + 3 * touched.sum()
+    assert len(data) == 126 + 2 * touched.sum() + 1  # bits, scores, the epoch once
     got, s, u = shard.decode_delta(data, 1001)
-    assert (got == touched).all() and (s == scores[touched]).all() and (u == updated[touched]).all()
+    assert (got == touched).all() and (s == scores[touched]).all() and u == 7
+    table = ScoreTable(2001, FP)
+    shard.apply_delta(table, 1000, 2001, data)
+    assert (table.updated[1000:][touched] == 7).all() and (table.updated[1000:][~touched] == 0).all()
+    assert (table.scores[1000:][touched] == scores[touched]).all()
+    assert len(shard.encode_delta(scores, updated, np.zeros(1001, bool))) == 126  # nothing changed: bits only
     with pytest.raises(ValueError, match="expected"):
         shard.decode_delta(data[:-1], 1001)
+    with pytest.raises(ValueError, match=r"updated in epochs \[3, 7\]: expected one"):
+        shard.encode_delta(scores, np.where(np.arange(1001) == np.flatnonzero(touched)[0], 3, updated), touched)
 
 
 def test_traffic_meets_the_target_per_rank_that_holds_no_table():
@@ -99,4 +106,4 @@ def test_traffic_meets_the_target_per_rank_that_holds_no_table():
     t = shard.traffic(n, ranks, records=n, changed=n, mask_bytes=mask)
     assert t.allgather == 8 * n
     assert t.owner <= 8 * n / ranks + n / 8  # the mask comes from the node's file, not the network
-    assert t.holder == t.owner + n // 8 + 3 * n + mask
+    assert t.holder == t.owner + n // 8 + 2 * n + ranks + mask
