@@ -6,15 +6,20 @@ Per configuration it reports the bytes each rank receives per epoch (the all-gat
 a rank that owns a slice, a node leader that holds the whole table), the freeze's time and
 transient peak, the resident table per node, and checks: the holders' table is the all-gather's
 bit for bit, the mask is the one the all-gather's table gives, every rank gets the same number of
-batches and every kept sample is read exactly once. Sizes too large to simulate (1e9) get the
-model plus one measured freeze and one measured table map.
+batches and every kept sample is read exactly once. Each simulated row also records the wall time
+and peak resident memory of its phases. A simulation holds two whole tables (the holders' and the
+all-gather's), the epoch's records (8 bytes each, routed) and streaming's partition (8 bytes per
+kept sample): about 12 bytes per sample at its peak, so 1e9 samples fit in 15 GB.
 
     .venv/bin/python launch/bench_scale.py --simulate 10000000 100000000 --freeze 1000000000 \
         --out docs/results/scale.json --plot docs/results/scale.png
+    .venv/bin/python launch/bench_scale.py --simulate 1000000000 --ranks 1024 --no-resident \
+        --out docs/results/scale_1e9.json --plot ''
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
@@ -23,10 +28,11 @@ import tracemalloc
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # the freeze target is one core
 import numpy as np
+from provenance import provenance
 from streaming.base.partition import get_partitions
 
-from provenance import provenance
 from ted_stream import TEDConfig, shard
+from ted_stream.mask import EpochMask, unpack
 from ted_stream.policy import select
 from ted_stream.table import ScoreTable, f32_to_bf16
 
@@ -56,71 +62,122 @@ def timed_select(table: ScoreTable, epoch: int, granule: int):
                   "freeze_peak_bytes_per_sample": round(peak / table.num_samples, 2)}
 
 
-def partition(kept: np.ndarray, ranks: int) -> dict:
-    """streaming's partition of the kept samples over ranks x workers: batches per rank, and
-    whether every kept sample is read exactly once."""
+def partition(kept: int, ranks: int) -> tuple[dict, np.ndarray]:
+    """streaming's partition of ``kept`` samples over ranks x workers (positions in the kept ids,
+    -1 for padding), with the batches per rank and whether every kept sample is read exactly once."""
     nodes = ranks // RANKS_PER_NODE
-    ids = get_partitions("relaxed", len(kept), nodes, nodes, RANKS_PER_NODE, WORKERS, BATCH)
-    per_rank = ids.reshape(ranks, -1)
-    real = per_rank >= 0
-    counts = real.sum(axis=1)
-    read = np.bincount(per_rank[real], minlength=len(kept))
-    return {"batches_per_rank": sorted({int(c) // BATCH for c in counts}), "equal_batches": bool((counts == counts[0]).all()
-            and counts[0] % BATCH == 0), "every_kept_sample_once": bool((read == 1).all())}
+    order = get_partitions("relaxed", kept, nodes, nodes, RANKS_PER_NODE, WORKERS, BATCH)
+    read = np.zeros(kept, bool)  # one byte per kept sample, where counting reads would take eight
+    counts = np.zeros(ranks, np.int64)
+    for r, positions in enumerate(rank_positions(order)):
+        counts[r] = len(positions)
+        read[positions] = True
+    # As many reads as kept samples, and every kept sample read: so each is read exactly once.
+    once = bool(counts.sum() == kept and read.all())
+    return {"batches_per_rank": sorted({int(c) // BATCH for c in counts}),
+            "equal_batches": bool((counts == counts[0]).all() and counts[0] % BATCH == 0),
+            "every_kept_sample_once": once}, order
+
+
+def rank_positions(order: np.ndarray):
+    """Each rank's positions in the kept ids, in the order it reads them, rank after rank.
+    ``order`` is a strided view whose (node, rank) axes cannot merge: reshaping it to one row
+    per rank would copy the whole partition, indexing it copies one rank's row at a time."""
+    for node in order:
+        for rank in node:
+            positions = rank.ravel()
+            yield positions[positions >= 0]
+
+
+def kept_ids(mask: EpochMask) -> np.ndarray:
+    """The kept ids, ascending, in their wire type (int32 up to 2**31 samples), unpacked 2**24
+    samples at a time: int64 ids from the whole boolean array would take 4 B/kept sample more."""
+    step, n = 1 << 24, mask.num_samples
+    ids = np.empty(mask.kept, shard.id_dtype(n))
+    at = 0
+    for s in range(0, n, step):
+        got = np.flatnonzero(unpack(mask.keep[s // 8 : (s + step) // 8], min(step, n - s))) + s
+        ids[at : at + len(got)] = got
+        at += len(got)
+    return ids
+
+
+@contextlib.contextmanager
+def phase(row: dict, name: str):
+    """Time a phase of ``simulate`` and record its peak resident memory (VmHWM, reset first)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak RSS to the current RSS: the peak is this phase's
+    t = time.perf_counter()
+    yield
+    row["phases"][name] = {"wall_s": round(time.perf_counter() - t, 2), "peak_rss_bytes": _status()["VmHWM"]}
 
 
 def simulate(n: int, ranks: int) -> dict:
     """One pruned epoch of ``ranks`` ranks: each scores the samples streaming gives it, the scores
-    merge through the owners, rank 0 freezes the next epoch's mask."""
-    table = scored_table(n)  # the state every holder starts the epoch with (the node's file)
-    first, _ = timed_select(table, 1, ranks * BATCH)
-    table.masks[1] = first
-    kept = np.flatnonzero(first.bools())
-    row = {"num_samples": n, "ranks": ranks, "workers": WORKERS, **partition(kept, ranks)}
-    rng = np.random.default_rng(1)
-    nodes = ranks // RANKS_PER_NODE
-    order = get_partitions("relaxed", len(kept), nodes, nodes, RANKS_PER_NODE, WORKERS, BATCH).reshape(ranks, -1)
-    records = [(kept[o[o >= 0]], rng.standard_normal(int((o >= 0).sum())).astype(np.float32)) for o in order]
-    del order
-    table.epoch = old_epoch = 1
-    old = ScoreTable(n, table.fingerprint, scores=table.scores.copy(), updated=table.updated.copy())
-    old.epoch = old_epoch
-    t = time.perf_counter()
-    for ids, vals in records:  # the all-gather: every rank folds every rank's records, in rank order
-        old.record(ids, vals)
-    row["allgather_fold_s"] = round(time.perf_counter() - t, 2)
+    merge through the owners, rank 0 freezes the next epoch's mask.
+
+    Memory: the epoch's records exist once, as each rank's ids (4 bytes per record, their scores
+    drawn when the rank sends them) and then routed; the all-gather folds them, rank after rank,
+    into a copy of the table as they are routed; each owner folds its slice's records into a copy
+    of its slice only, and the holders' table applies the owners' deltas."""
+    row: dict = {"num_samples": n, "ranks": ranks, "workers": WORKERS, "phases": {}}
+    with phase(row, "table_and_first_freeze"):
+        table = scored_table(n)  # the state every holder starts the epoch with (the node's file)
+        first, _ = timed_select(table, 1, ranks * BATCH)
+        table.masks[1] = first
+    with phase(row, "partition_and_records"):
+        check, order = partition(first.kept, ranks)
+        row.update(check)
+        kept = kept_ids(first)  # built after streaming's partition, whose copies peak at 16 B/kept sample
+        records = [kept[positions] for positions in rank_positions(order)]
+        del order, kept
     bounds = shard.owner_bounds(n, ranks)
-    t = time.perf_counter()
-    routed = [shard.route(ids, vals, bounds, n) for ids, vals in records]
-    total = sum(len(ids) for ids, _ in records)
-    del records
-    got = np.zeros(ranks, np.int64)
-    for _, _, counts in routed:
-        got += counts
-    # What each owner receives from the all-to-all: its records, source rank after source rank.
-    all_ids = np.concatenate([r[0] for r in routed]).astype(np.int64)
-    all_vals = np.concatenate([r[1] for r in routed])
-    del routed
-    by_owner = np.argsort(np.searchsorted(bounds, all_ids, side="right") - 1, kind="stable")
-    all_ids, all_vals = all_ids[by_owner], all_vals[by_owner]
-    del by_owner
-    starts = np.r_[0, np.cumsum(got)]
-    owned = ScoreTable(n, table.fingerprint, scores=table.scores.copy(), updated=table.updated.copy())
-    owned.epoch = old_epoch
-    delta_bytes = 0
-    for r in range(ranks):  # each owner folds its slice; the holder (table) applies its delta
-        lo, hi, part = int(bounds[r]), int(bounds[r + 1]), slice(starts[r], starts[r + 1])
-        touched = shard.fold_owned(owned, all_ids[part], all_vals[part], lo, hi)
-        delta = shard.encode_delta(owned.scores[lo:hi], owned.updated[lo:hi], touched)
-        delta_bytes += len(delta)
-        shard.apply_delta(table, lo, hi, delta)
-    row["sharded_fold_s"] = round(time.perf_counter() - t, 2)
-    del owned, all_ids, all_vals
+    rng = np.random.default_rng(1)
+    table.epoch = old_epoch = 1
+    with phase(row, "merge"):
+        old = ScoreTable(n, table.fingerprint, scores=table.scores.copy(), updated=table.updated.copy())
+        old.epoch = old_epoch
+        fold_s = route_s = 0.0
+        routed = []
+        for r in range(ranks):  # each rank scores what it read, then sends it
+            ids, records[r] = records[r], None
+            vals = rng.standard_normal(len(ids)).astype(np.float32)
+            t = time.perf_counter()
+            old.record(ids, vals)  # the all-gather: every rank folds every rank's records, in rank order
+            fold_s += time.perf_counter() - t
+            t = time.perf_counter()
+            routed.append(shard.route(ids, vals, bounds, n))
+            route_s += time.perf_counter() - t
+        row["allgather_fold_s"] = round(fold_s, 2)
+        total = sum(len(ids) for ids, _, _ in routed)
+        sent = np.stack([counts for _, _, counts in routed])  # sent[source, owner]
+        got = sent.sum(axis=0)
+        starts = np.zeros((ranks, ranks + 1), np.int64)
+        np.cumsum(sent, axis=1, out=starts[:, 1:])
+        t = time.perf_counter()
+        delta_bytes = 0
+        for o in range(ranks):  # each owner folds its slice; the holder (table) applies its delta
+            lo, hi = int(bounds[o]), int(bounds[o + 1])
+            # What owner o receives from the all-to-all: its records, source rank after source rank.
+            ids = np.concatenate([routed[r][0][starts[r, o] : starts[r, o + 1]] for r in range(ranks)])
+            vals = np.concatenate([routed[r][1][starts[r, o] : starts[r, o + 1]] for r in range(ranks)])
+            # The owner's slice as a table of its own (ids shifted by lo): the slice is all it folds.
+            owned = ScoreTable(hi - lo, table.fingerprint, scores=table.scores[lo:hi].copy(),
+                               updated=table.updated[lo:hi].copy())
+            owned.epoch = old_epoch
+            touched = shard.fold_owned(owned, ids - lo, vals, 0, hi - lo)
+            delta = shard.encode_delta(owned.scores, owned.updated, touched)
+            delta_bytes += len(delta)
+            shard.apply_delta(table, lo, hi, delta)
+        row["sharded_fold_s"] = round(route_s + time.perf_counter() - t, 2)
+        del routed, owned, ids, vals
     row["table_equals_allgather"] = bool(np.array_equal(table.scores, old.scores)
                                          and np.array_equal(table.updated, old.updated))
-    mask, row["freeze"] = timed_select(table, 2, ranks * BATCH)
-    row["mask_equals_allgather"] = mask.to_bytes().tobytes() == select(CFG, old, 2, granule=ranks * BATCH).to_bytes().tobytes()
-    del old
+    with phase(row, "freeze_and_reference_freeze"):
+        mask, row["freeze"] = timed_select(table, 2, ranks * BATCH)
+        reference = select(CFG, old, 2, granule=ranks * BATCH)
+        row["mask_equals_allgather"] = mask.to_bytes().tobytes() == reference.to_bytes().tobytes()
+        del old, reference
     width = shard.id_dtype(n).itemsize + 4
     mask_bytes = len(mask.to_bytes())
     row["bytes_per_rank"] = {
@@ -129,7 +186,10 @@ def simulate(n: int, ranks: int) -> dict:
         "holder_max": int(width * got.max() + 16 * ranks + delta_bytes + mask_bytes),
         "target": int(8 * n / ranks + n / 8),
     }
-    row["next_epoch"] = partition(np.flatnonzero(mask.bools()), ranks)
+    with phase(row, "next_partition"):
+        row["next_epoch"], order = partition(mask.kept, ranks)
+        del order
+    row["peak_rss_bytes"] = max(p["peak_rss_bytes"] for p in row["phases"].values())
     return row
 
 
@@ -140,9 +200,9 @@ def resident(n: int, folder: str) -> dict:
     path = os.path.join(folder, "table.tedt")
     table.save(path)
     del table
-    before = _rss()
+    before = _status()
     mapped = ScoreTable.load(path)  # reads every page (its CRC): all of them resident
-    after = _rss()
+    after = _status()
     row = {"file_bytes_per_sample": round(os.path.getsize(path) / n, 3),
            "rank_private_bytes_per_sample": round((after["RssAnon"] - before["RssAnon"]) / n, 3),
            "shared_file_bytes_per_sample": round((after["RssFile"] - before["RssFile"]) / n, 3)}
@@ -151,9 +211,11 @@ def resident(n: int, folder: str) -> dict:
     return row
 
 
-def _rss() -> dict:
+def _status() -> dict:
+    """This process's resident memory in bytes: anonymous, file pages, and the peak (VmHWM)."""
     with open("/proc/self/status") as f:
-        return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f) if k in ("RssAnon", "RssFile")}
+        return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)
+                if k in ("RssAnon", "RssFile", "VmHWM")}
 
 
 def model(n: int, ranks: int) -> dict:
@@ -193,7 +255,9 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, nargs="*", default=[8, 64, 1024])
     ap.add_argument("--freeze", type=int, nargs="*", default=[], help="sizes measured by freeze and table map only")
     ap.add_argument("--out", default="docs/results/scale.json")
-    ap.add_argument("--plot", default="docs/results/scale.png")
+    ap.add_argument("--plot", default="docs/results/scale.png", help="'' for none")
+    ap.add_argument("--resident", action=argparse.BooleanOptionalAction, default=True,
+                    help="map the table of the largest simulated and the --freeze sizes (writes it to disk)")
     args = ap.parse_args()
     result = {"provenance": provenance(), "ranks_per_node": RANKS_PER_NODE, "workers": WORKERS, "batch": BATCH,
               "simulated": [], "freeze": [], "resident": []}
@@ -212,12 +276,13 @@ def main() -> None:
             row = {"num_samples": n, **row}
             print(json.dumps(row), flush=True)
             result["freeze"].append(row)
-        for n in args.simulate[-1:] + args.freeze:
+        for n in (args.simulate[-1:] + args.freeze if args.resident else []):
             result["resident"].append({"num_samples": n, **resident(n, folder)})
             print(json.dumps(result["resident"][-1]), flush=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    plot(result, args.plot)
+    if args.plot:
+        plot(result, args.plot)
 
 
 if __name__ == "__main__":
