@@ -62,9 +62,10 @@ def timed_select(table: ScoreTable, epoch: int, granule: int):
                   "freeze_peak_bytes_per_sample": round(peak / table.num_samples, 2)}
 
 
-def partition(kept: int, ranks: int) -> tuple[dict, np.ndarray]:
+def partition(kept: int, ranks: int) -> tuple[dict, np.ndarray, np.ndarray]:
     """streaming's partition of ``kept`` samples over ranks x workers (positions in the kept ids,
-    -1 for padding), with the batches per rank and whether every kept sample is read exactly once."""
+    -1 for padding), the samples each rank reads, and the check: the batches per rank and whether
+    every kept sample is read exactly once."""
     nodes = ranks // RANKS_PER_NODE
     order = get_partitions("relaxed", kept, nodes, nodes, RANKS_PER_NODE, WORKERS, BATCH)
     read = np.zeros(kept, bool)  # one byte per kept sample, where counting reads would take eight
@@ -76,7 +77,7 @@ def partition(kept: int, ranks: int) -> tuple[dict, np.ndarray]:
     once = bool(counts.sum() == kept and read.all())
     return {"batches_per_rank": sorted({int(c) // BATCH for c in counts}),
             "equal_batches": bool((counts == counts[0]).all() and counts[0] % BATCH == 0),
-            "every_kept_sample_once": once}, order
+            "every_kept_sample_once": once}, order, counts
 
 
 def rank_positions(order: np.ndarray):
@@ -116,20 +117,26 @@ def simulate(n: int, ranks: int) -> dict:
     """One pruned epoch of ``ranks`` ranks: each scores the samples streaming gives it, the scores
     merge through the owners, rank 0 freezes the next epoch's mask.
 
-    Memory: the epoch's records exist once, as each rank's ids (4 bytes per record, their scores
-    drawn when the rank sends them) and then routed; the all-gather folds them, rank after rank,
-    into a copy of the table as they are routed; each owner folds its slice's records into a copy
-    of its slice only, and the holders' table applies the owners' deltas."""
+    Memory: the epoch's records exist once, rank after rank in one array of ids (4 bytes each)
+    and one of scores (drawn as each rank sends), every rank's routed in place: thousands of
+    per-rank arrays would each fall below glibc's mmap threshold and stay on the heap once freed.
+    The all-gather folds them, rank after rank, into a copy of the table as they are routed; each
+    owner folds its slice's records into a copy of its slice only, and the holders' table applies
+    the owners' deltas."""
     row: dict = {"num_samples": n, "ranks": ranks, "workers": WORKERS, "phases": {}}
     with phase(row, "table_and_first_freeze"):
         table = scored_table(n)  # the state every holder starts the epoch with (the node's file)
         first, _ = timed_select(table, 1, ranks * BATCH)
         table.masks[1] = first
     with phase(row, "partition_and_records"):
-        check, order = partition(first.kept, ranks)
+        check, order, counts = partition(first.kept, ranks)
         row.update(check)
         kept = kept_ids(first)  # built after streaming's partition, whose copies peak at 16 B/kept sample
-        records = [kept[positions] for positions in rank_positions(order)]
+        at = np.zeros(ranks + 1, np.int64)  # rank r's records are ids[at[r]:at[r + 1]]
+        np.cumsum(counts, out=at[1:])
+        ids = np.empty(at[-1], kept.dtype)
+        for r, positions in enumerate(rank_positions(order)):
+            ids[at[r] : at[r + 1]] = kept[positions]
         del order, kept
     bounds = shard.owner_bounds(n, ranks)
     rng = np.random.default_rng(1)
@@ -137,40 +144,42 @@ def simulate(n: int, ranks: int) -> dict:
     with phase(row, "merge"):
         old = ScoreTable(n, table.fingerprint, scores=table.scores.copy(), updated=table.updated.copy())
         old.epoch = old_epoch
+        vals = np.empty(len(ids), np.float32)
+        sent = np.zeros((ranks, ranks), np.int64)  # sent[source, owner]
         fold_s = route_s = 0.0
-        routed = []
         for r in range(ranks):  # each rank scores what it read, then sends it
-            ids, records[r] = records[r], None
-            vals = rng.standard_normal(len(ids)).astype(np.float32)
+            mine = slice(at[r], at[r + 1])
+            vals[mine] = rng.standard_normal(at[r + 1] - at[r])
             t = time.perf_counter()
-            old.record(ids, vals)  # the all-gather: every rank folds every rank's records, in rank order
+            old.record(ids[mine], vals[mine])  # the all-gather: every rank folds every rank's records, in rank order
             fold_s += time.perf_counter() - t
             t = time.perf_counter()
-            routed.append(shard.route(ids, vals, bounds, n))
+            ids[mine], vals[mine], sent[r] = shard.route(ids[mine], vals[mine], bounds, n)
             route_s += time.perf_counter() - t
         row["allgather_fold_s"] = round(fold_s, 2)
-        total = sum(len(ids) for ids, _, _ in routed)
-        sent = np.stack([counts for _, _, counts in routed])  # sent[source, owner]
         got = sent.sum(axis=0)
-        starts = np.zeros((ranks, ranks + 1), np.int64)
+        starts = np.zeros((ranks, ranks + 1), np.int64)  # owner o's records from rank r: starts[r, o:o + 2]
         np.cumsum(sent, axis=1, out=starts[:, 1:])
+        starts += at[:-1, None]
         t = time.perf_counter()
         delta_bytes = 0
         for o in range(ranks):  # each owner folds its slice; the holder (table) applies its delta
             lo, hi = int(bounds[o]), int(bounds[o + 1])
             # What owner o receives from the all-to-all: its records, source rank after source rank.
-            ids = np.concatenate([routed[r][0][starts[r, o] : starts[r, o + 1]] for r in range(ranks)])
-            vals = np.concatenate([routed[r][1][starts[r, o] : starts[r, o + 1]] for r in range(ranks)])
+            parts = [slice(starts[r, o], starts[r, o + 1]) for r in range(ranks)]
+            got_ids = np.concatenate([ids[p] for p in parts])
+            got_vals = np.concatenate([vals[p] for p in parts])
             # The owner's slice as a table of its own (ids shifted by lo): the slice is all it folds.
             owned = ScoreTable(hi - lo, table.fingerprint, scores=table.scores[lo:hi].copy(),
                                updated=table.updated[lo:hi].copy())
             owned.epoch = old_epoch
-            touched = shard.fold_owned(owned, ids - lo, vals, 0, hi - lo)
+            touched = shard.fold_owned(owned, got_ids - lo, got_vals, 0, hi - lo)
             delta = shard.encode_delta(owned.scores, owned.updated, touched)
             delta_bytes += len(delta)
             shard.apply_delta(table, lo, hi, delta)
         row["sharded_fold_s"] = round(route_s + time.perf_counter() - t, 2)
-        del routed, owned, ids, vals
+        total = len(ids)
+        del ids, vals, owned, got_ids, got_vals
     row["table_equals_allgather"] = bool(np.array_equal(table.scores, old.scores)
                                          and np.array_equal(table.updated, old.updated))
     with phase(row, "freeze_and_reference_freeze"):
@@ -187,8 +196,7 @@ def simulate(n: int, ranks: int) -> dict:
         "target": int(8 * n / ranks + n / 8),
     }
     with phase(row, "next_partition"):
-        row["next_epoch"], order = partition(mask.kept, ranks)
-        del order
+        row["next_epoch"] = partition(mask.kept, ranks)[0]
     row["peak_rss_bytes"] = max(p["peak_rss_bytes"] for p in row["phases"].values())
     return row
 
