@@ -7,13 +7,16 @@ a rank that owns a slice, a node leader that holds the whole table), the freeze'
 transient peak, the resident table per node, and checks: the holders' table is the all-gather's
 bit for bit, the mask is the one the all-gather's table gives, every rank gets the same number of
 batches and every kept sample is read exactly once. Each simulated row also records the wall time
-and peak resident memory of its phases. A simulation holds two whole tables (the holders' and the
-all-gather's), the epoch's records (8 bytes each, routed) and streaming's partition (8 bytes per
-kept sample): about 12 bytes per sample at its peak, so 1e9 samples fit in 15 GB.
+and peak resident memory of its phases. At 1,024 ranks the peak is about 11.6 bytes per sample
+(12.5 GB at 1e9, with the interpreter's 0.9 GB): streaming's partition, whose copies peak at 16
+bytes per kept sample, beside the table; or the merge's two whole tables (the holders' and the
+all-gather's) beside the epoch's records (8 bytes each). With few ranks each rank's records also
+pass through record's and route's whole-array temporaries (~50 bytes per record): 1e9 samples x 8
+ranks would need ~18 GB.
 
     .venv/bin/python launch/bench_scale.py --simulate 10000000 100000000 --freeze 1000000000 \
         --out docs/results/scale.json --plot docs/results/scale.png
-    .venv/bin/python launch/bench_scale.py --simulate 1000000000 --ranks 1024 --no-resident \
+    .venv/bin/python launch/bench_scale.py --simulate 100000000 1000000000 --ranks 1024 --no-resident \
         --out docs/results/scale_1e9.json --plot ''
 """
 from __future__ import annotations
