@@ -39,6 +39,7 @@ MAGIC_V1 = b"TEDTABL1"
 VERSION = 2
 FILENAME = "table.tedt"
 NEVER = 0  # value of `updated` for a sample that was never scored
+_RECORD_SLICE = 1 << 21  # records folded at a time by ScoreTable.record
 _PREFIX = struct.Struct("<8sIII")  # magic, version, header length, header CRC
 _CRC_CHUNK = 1 << 24
 _WRITE_CHUNK = 1 << 24
@@ -130,13 +131,16 @@ class ScoreTable:
     def record(self, ids: np.ndarray, values: np.ndarray) -> None:
         """Fold new per-sample values into the moving average; O(len(ids))."""
         ids, values = self.checked(ids, values)
-        # Repeated ids in one call (upstream padding) are folded in order.
-        for chunk_ids, chunk_vals in _unique_runs(ids, values):
-            old = bf16_to_f32(self.scores[chunk_ids])
-            fresh = self.updated[chunk_ids] == NEVER
-            new = np.where(fresh, chunk_vals, (1.0 - self.ema) * old + self.ema * chunk_vals)
-            self.scores[chunk_ids] = f32_to_bf16(new.astype(np.float32))
-            self.updated[chunk_ids] = min(self.epoch + 1, 255)
+        # Folding in order is the same in consecutive slices as in one call, and a slice bounds
+        # the fold's temporaries (~80 bytes per record): a merge's owner may fold 1e8 at once.
+        for s in range(0, len(ids), _RECORD_SLICE):
+            # Repeated ids in one call (upstream padding) are folded in order.
+            for run_ids, run_vals in _unique_runs(ids[s : s + _RECORD_SLICE], values[s : s + _RECORD_SLICE]):
+                old = bf16_to_f32(self.scores[run_ids])
+                fresh = self.updated[run_ids] == NEVER
+                new = np.where(fresh, run_vals, (1.0 - self.ema) * old + self.ema * run_vals)
+                self.scores[run_ids] = f32_to_bf16(new.astype(np.float32))
+                self.updated[run_ids] = min(self.epoch + 1, 255)
 
     def checked(self, ids: Any, values: Any) -> tuple[np.ndarray, np.ndarray]:
         """(ids, values) as 1-D int64/float32 arrays, or ValueError naming what is wrong.

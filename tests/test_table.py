@@ -39,6 +39,23 @@ def test_record_is_ema_and_tracks_epoch():
     assert t.score_array()[5] == pytest.approx(0.75 * 2 + 0.25 * 6)
 
 
+def test_record_in_slices_folds_like_one_call(monkeypatch):
+    """A large call is folded a slice at a time: an id repeated within and across slices gets the
+    same EMA as when the whole call is one slice."""
+    rng = np.random.default_rng(3)
+    ids, vals = rng.integers(0, 50, 1000), rng.standard_normal(1000).astype(np.float32)
+    whole, sliced = ScoreTable(50, FP, ema=0.3), ScoreTable(50, FP, ema=0.3)
+    whole.record(ids, vals)
+    monkeypatch.setattr("ted_stream.table._RECORD_SLICE", 7)
+    sliced.record(ids, vals)
+    assert whole.scores.tobytes() == sliced.scores.tobytes() and whole.updated.tobytes() == sliced.updated.tobytes()
+    for i in (int(ids[0]), int(ids[-1])):  # each id's records folded in recording order
+        expect = None
+        for v in vals[ids == i]:
+            expect = v if expect is None else 0.7 * expect + 0.3 * v
+        assert whole.score_array()[i] == pytest.approx(expect, rel=0.05, abs=0.05)
+
+
 @pytest.mark.parametrize("ids,vals,msg", [([0, 1], [1.0], "2 ids but 1 scores"),
                                           ([10], [1.0], r"\[0, 10\)"),
                                           ([0], [np.nan], "finite")])
