@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -111,8 +112,11 @@ def gather_at(data: np.ndarray, receivers: list[int]) -> list[np.ndarray] | None
         ]
         ops += [dist.P2POp(dist.irecv, bufs[r], r) for r in range(world) if r != me and len(bufs[r])]
     if ops:
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()
+        # NCCL's point-to-point ops run on the current CUDA device, which may not be this rank's
+        # before torch.cuda.set_device (torch documents a hang): make it the collective's device.
+        with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+            for request in dist.batch_isend_irecv(ops):
+                request.wait()
     return None if bufs is None else [b.cpu().numpy() for b in bufs]
 
 
