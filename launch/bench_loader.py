@@ -66,12 +66,16 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def write_shards(folder: str, count: int, size: int, seed: int, shard_bytes: int) -> dict[str, Any]:
+def write_shards(folder: str, count: int, size: int | tuple[int, int], seed: int, shard_bytes: int
+                 ) -> dict[str, Any]:
+    """``count`` samples of ``size`` bytes, or of log-uniform sizes in [lo, hi) for a (lo, hi) pair
+    (shards then hold different sample counts)."""
     rng = np.random.default_rng(seed)
     with MDSWriter(out=folder, columns={"x": "bytes", "y": "int"}, compression="zstd",
                    size_limit=shard_bytes) as w:
         for i in range(count):
-            w.write({"x": rng.integers(97, 123, size, dtype=np.uint8).tobytes(), "y": int(i % 10)})
+            n = size if isinstance(size, int) else int(np.exp(rng.uniform(np.log(size[0]), np.log(size[1]))))
+            w.write({"x": rng.integers(97, 123, n, dtype=np.uint8).tobytes(), "y": int(i % 10)})
     with open(os.path.join(folder, "index.json")) as f:
         shards = json.load(f)["shards"]
     return {"samples": count, "sample_bytes": size, "shards": len(shards),

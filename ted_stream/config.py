@@ -23,13 +23,20 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "int": ((numbers.Integral,), "an integer"),
     "bool": ((bool,), "true or false"),
     "str": ((str,), "a string"),
+    "Union[int, str]": ((numbers.Integral, str), 'an integer or "shard"'),
 }
+
+
+def _unwrap(annotation: str) -> tuple[bool, str]:
+    """(whether ``annotation`` is Optional, the type inside it)."""
+    if annotation.startswith("Optional[") and annotation.endswith("]"):
+        return True, annotation[len("Optional[") : -1]
+    return False, annotation
 
 
 def _type_error(value: Any, annotation: str) -> Optional[str]:
     """What ``value`` should have been for ``annotation`` ("float", "Optional[int]", ...), or None."""
-    optional = annotation.startswith("Optional[")
-    base = annotation.removeprefix("Optional[").removesuffix("]")
+    optional, base = _unwrap(annotation)
     if value is None and optional:
         return None
     kinds, words = _TYPES[base]
@@ -72,11 +79,13 @@ class TEDConfig:
         (the same total loss scale, for comparisons at a matched step size).
     max_weight: cap on that weight.
     seed: seed of every random choice the policy makes.
-    block: samples per pruning block (0 = per sample). Every policy then scores, ranks and prunes
-        whole blocks of contiguous sample ids (a block's score is the mean of its samples'), so a
-        pruned block's shard region is never read: with ``block`` = samples per shard (shards
-        written in id order), a cold epoch downloads about the kept fraction of the bytes.
-        Coarser choices cost selection quality (docs/performance.md).
+    block: samples per pruning block (0 = per sample), or ``"shard"``: one block per shard, as the
+        loader's index lays them out (shards of any sizes). Every policy then scores, ranks and
+        prunes whole blocks of contiguous sample ids (a block's score is the mean of its
+        samples'), so a pruned block's shard region is never read: with ``"shard"`` (or a number
+        = samples per shard, for shards of equal counts written in id order), a cold epoch
+        downloads about the kept fraction of the bytes. Coarser choices cost selection quality
+        (docs/performance.md).
     """
 
     target: float = 0.3
@@ -94,7 +103,7 @@ class TEDConfig:
     rescale: bool = True
     max_weight: float = 3.0
     seed: int = 0
-    block: int = 0
+    block: Union[int, str] = 0
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> ValueError:
@@ -105,7 +114,7 @@ class TEDConfig:
             expected = _type_error(value, str(f.type))
             if expected:
                 raise bad(f.name, expected)
-            base = str(f.type).removeprefix("Optional[").removesuffix("]")
+            base = _unwrap(str(f.type))[1]
             if value is not None and base in ("int", "float"):  # 0 and 0.0, np.int64(3) and 3: one run
                 object.__setattr__(self, f.name, int(value) if base == "int" else float(value))
 
@@ -137,8 +146,10 @@ class TEDConfig:
             raise bad("max_weight", "a number >= 1")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise bad("seed", "an integer >= 0")
-        if self.block < 0:
-            raise bad("block", "an integer >= 0 (samples per pruning block; 0 = per sample)")
+        if self.block != "shard" and (isinstance(self.block, str) or self.block < 0):
+            raise bad("block", 'an integer >= 0 (samples per pruning block; 0 = per sample) or "shard"')
+        if self.block != "shard":  # np.int64(3) and 3: one run
+            object.__setattr__(self, "block", int(self.block))
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TEDConfig:

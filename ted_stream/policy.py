@@ -25,13 +25,20 @@ class PruningWarning(UserWarning):
 
 
 def select(
-    cfg: TEDConfig, table: ScoreTable, epoch: int, granule: int = 1, groups: Optional[np.ndarray] = None
+    cfg: TEDConfig,
+    table: ScoreTable,
+    epoch: int,
+    granule: int = 1,
+    groups: Optional[np.ndarray] = None,
+    shards: Optional[np.ndarray] = None,
 ) -> EpochMask:
     """Keep-mask for ``epoch``; the kept count is rounded up to a multiple of ``granule``
     (ranks x per-rank batch) where possible, so every rank gets the same number of full batches.
 
     ``groups`` (one integer per sample, e.g. its class) makes the ``ted`` policy prune the same
     fraction of every group's candidates, so pruning the easiest samples cannot shift the mix.
+    ``shards``: each shard's first sample id, the blocks of ``TEDConfig.block="shard"`` (the
+    loaders pass them; an empty shard's repeated id is allowed).
 
     Every step works on dense per-sample arrays (no id lists, no sort, no shuffle), so a mask of
     1e8 samples takes a few passes over memory and about a dozen bytes per sample.
@@ -42,8 +49,9 @@ def select(
     fraction = pruned_fraction(cfg, epoch)
     if fraction == 0.0:
         return EpochMask.everything(epoch, n)
-    if cfg.block > 1:
-        return _by_block(cfg, table, epoch, granule, groups)
+    starts = _block_starts(cfg, n, shards)
+    if starts is not None:
+        return _by_block(cfg, table, epoch, granule, groups, starts)
     rng = np.random.default_rng([cfg.seed, epoch])
     if cfg.policy in ("random", "random-dynamic"):
         # The static draw is the same random keys in every epoch: a growing fraction prunes a
@@ -63,27 +71,45 @@ def select(
     return _ted(cfg, table, epoch, rng, round(fraction * n), granule, groups)
 
 
-def _by_block(cfg: TEDConfig, table: ScoreTable, epoch: int, granule: int, groups: Optional[np.ndarray]) -> EpochMask:
-    """``select`` over blocks of ``cfg.block`` contiguous ids (the last one may be shorter), so that
-    whole shard regions are kept or pruned. Each block is one sample of a table whose score is
-    the mean of its samples' and which counts as scored only when every one of them is (no
-    unscored sample is pruned); the block mask then covers its samples."""
+def _block_starts(cfg: TEDConfig, n: int, shards: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """The first sample id of every block of ``cfg.block`` (None: per-sample selection)."""
+    if cfg.block != "shard":
+        return np.arange(0, n, int(cfg.block)) if int(cfg.block) > 1 else None
+    if shards is None:
+        raise ValueError(
+            'TEDConfig.block="shard" needs the shards\' first sample ids: expected select(..., shards=...), '
+            "which TEDStreamingDataset and TEDWebDataset pass from their shard index"
+        )
+    starts = np.unique(np.append(np.asarray(shards, dtype=np.int64), 0))
+    if starts[0] < 0 or starts[-1] > n:
+        raise ValueError(f"shards holds first sample ids {starts[0]}..{starts[-1]}: expected ids in [0, {n}]")
+    return starts[starts < n]  # a trailing empty shard starts at n
+
+
+def _by_block(
+    cfg: TEDConfig, table: ScoreTable, epoch: int, granule: int, groups: Optional[np.ndarray], starts: np.ndarray
+) -> EpochMask:
+    """``select`` over blocks of contiguous ids starting at ``starts`` (``cfg.block`` ids each, the
+    last one shorter, or one per shard), so that whole shard regions are kept or pruned. Each
+    block is one sample of a table whose score is the mean of its samples' and which counts as
+    scored only when every one of them is (no unscored sample is pruned); the block mask then
+    covers its samples."""
     if groups is not None:
         raise ValueError(
-            f"TEDConfig.block={cfg.block} cannot balance groups: a block of contiguous ids mixes them; "
+            f"TEDConfig.block={cfg.block!r} cannot balance groups: a block of contiguous ids mixes them; "
             "expected block=0 with groups, or no groups"
         )
-    n, b = table.num_samples, cfg.block
-    starts = np.arange(0, n, b)
+    n = table.num_samples
     sizes = np.diff(np.append(starts, n))
     sums = np.empty(len(starts), dtype=np.float64)
     updated = np.empty(len(starts), dtype=np.uint8)
-    step = max(1, _CHUNK // b) * b  # whole blocks per slice: no float copy of every score
-    for s in range(0, n, step):
-        e = min(n, s + step)
-        at = np.arange(0, e - s, b)
-        sums[s // b : s // b + len(at)] = np.add.reduceat(bf16_to_f32(table.scores[s:e]), at, dtype=np.float64)
-        updated[s // b : s // b + len(at)] = np.minimum.reduceat(table.updated[s:e], at)
+    # Whole blocks per slice of about _CHUNK samples: no float copy of every score.
+    cuts = np.unique(np.append(np.searchsorted(starts, np.arange(0, n, _CHUNK)), len(starts)))
+    for i, j in zip(cuts[:-1], cuts[1:]):
+        s, e = int(starts[i]), int(starts[j]) if j < len(starts) else n
+        at = starts[i:j] - s
+        sums[i:j] = np.add.reduceat(bf16_to_f32(table.scores[s:e]), at, dtype=np.float64)
+        updated[i:j] = np.minimum.reduceat(table.updated[s:e], at)
     previous = _latest_mask_before(table, epoch)
     masks = {}
     if previous is not None:  # a block was pruned when none of its samples was kept (monotone)
@@ -260,6 +286,7 @@ def select_within(
     ids: np.ndarray,
     granule: int = 1,
     groups: Optional[np.ndarray] = None,
+    shards: Optional[np.ndarray] = None,
 ) -> EpochMask:
     """``select`` over the samples ``ids`` only (a static filter's survivors): the policy sees a
     table of those samples, renumbered, and the mask drops every sample outside them."""
@@ -272,7 +299,9 @@ def select_within(
         {e: m.restrict(ids) for e, m in table.masks.items() if e < epoch},
     )
     sub.epoch = table.epoch
-    part = select(cfg, sub, epoch, granule, None if groups is None else groups[ids])
+    # A shard's first id among ``ids`` (a shard the filter empties leaves a repeat, dropped).
+    sub_shards = None if shards is None else np.searchsorted(ids, shards)
+    part = select(cfg, sub, epoch, granule, None if groups is None else groups[ids], sub_shards)
     return part.expand(ids, table.num_samples)
 
 

@@ -52,6 +52,24 @@ def test_pruned_ids_never_yielded_and_kept_ids_once(corpus):
     assert mask.kept % BATCH == 0
 
 
+def test_shard_blocks_prune_whole_shards_of_the_index(tmp_path):
+    """block="shard": the loader hands the policy its shards' first ids, so every shard (its
+    sample count set by its bytes, not a fixed number) is read whole or not at all, but for the
+    one the granule partly restores."""
+    folder = make_corpus(tmp_path / "data", 3000, shard_bytes=1500)
+    cfg = TEDConfig(target=0.5, warmup_epochs=1, ramp_epochs=0, block="shard")
+    ds = dataset(folder, cfg, table_dir=str(tmp_path / "t"))
+    sizes = ds.samples_per_shard
+    assert len(set(sizes.tolist())) > 1  # shards of different sizes: no fixed block fits them
+    score_everything(ds)
+    mask = ds.start_epoch(1)
+    read = np.add.reduceat(mask.bools().astype(np.int64), np.cumsum(sizes) - sizes)
+    partial = (read > 0) & (read < sizes)
+    assert partial.sum() <= 1 and 0.3 < (read == 0).mean() < 0.7
+    assert sorted(s["ted_id"] for s in ds) == ds.kept_ids(1).tolist()
+    close(ds)
+
+
 def test_samples_keep_their_columns_and_weights(corpus):
     # alpha 1: the kept pool weighs pool / kept (here 2), the rest 1
     cfg = TEDConfig(target=0.5, warmup_epochs=1, ramp_epochs=0, explore=0.5, alpha=1.0, rescale=True, max_weight=2.0)

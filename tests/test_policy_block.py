@@ -108,3 +108,50 @@ def test_simulated_shards_read_fall_with_the_pruned_fraction(fraction):
         m = select(cfg(target=fraction, block=block), t, 0, granule=128)
         read = m.bools().reshape(-1, shard).any(axis=1).mean()
         assert read >= 0.99 if block == 0 else read <= most
+
+
+def shard_starts(sizes):
+    return np.cumsum(sizes) - sizes
+
+
+def test_shard_blocks_follow_shards_of_any_size():
+    """block="shard": one block per shard as the loader's index lays them out, whatever their
+    sample counts; an empty shard (a repeated first id) is no block."""
+    rng = np.random.default_rng(4)
+    sizes = rng.integers(1, 400, 60)
+    sizes[[7, 59]] = 0  # an empty shard inside and one at the end
+    n = int(sizes.sum())
+    starts = shard_starts(sizes)
+    m = select(cfg(block="shard"), table(n=n), 0, shards=starts)
+    keep = m.bools()
+    real = sizes > 0
+    per_shard = np.add.reduceat(keep.astype(np.int64), starts[real])
+    assert ((per_shard == 0) | (per_shard == sizes[real])).all()  # every shard whole
+    assert 0.3 < 1 - m.kept / n < 0.7 and 20 < (per_shard == 0).sum() < 40  # about half the shards
+    # Shards of equal counts: the masks of block = samples per shard.
+    equal = select(cfg(block="shard"), table(), 0, granule=64, shards=np.arange(0, 10_000, 250))
+    assert equal.to_bytes().tobytes() == select(cfg(block=250), table(), 0, granule=64).to_bytes().tobytes()
+
+
+def test_shard_blocks_need_the_shards_and_check_them():
+    with pytest.raises(ValueError, match=r'block="shard" needs the shards\' first sample ids'):
+        select(cfg(block="shard"), table(), 0)
+    with pytest.raises(ValueError, match=r"first sample ids -5\.\.100: expected ids in \[0, 10000\]"):
+        select(cfg(block="shard"), table(), 0, shards=np.array([-5, 100]))
+    with pytest.raises(ValueError, match=r'TEDConfig.block=\'shards\' is invalid: expected an integer >= 0 .* or "shard"'):
+        TEDConfig(block="shards")
+    assert TEDConfig.from_dict({"block": "shard"}).run_identity()["block"] == "shard"
+
+
+def test_shard_blocks_within_a_filter_keep_what_the_filter_kept_of_a_shard_whole():
+    from ted_stream.policy import select_within
+
+    sizes = np.full(40, 250)
+    ids = np.flatnonzero(np.arange(10_000) % 3 != 0)  # a static filter's survivors
+    ids = ids[(ids < 2_000) | (ids >= 2_500)]  # shards 8 and 9 filtered out whole
+    m = select_within(cfg(block="shard"), table(), 0, ids, shards=shard_starts(sizes))
+    keep = m.bools()
+    assert not keep[np.setdiff1d(np.arange(10_000), ids)].any()
+    kept_of_shard = keep.reshape(40, 250).sum(axis=1)
+    survivors = np.isin(np.arange(10_000), ids).reshape(40, 250).sum(axis=1)
+    assert ((kept_of_shard == 0) | (kept_of_shard == survivors)).all() and 10 < (kept_of_shard == 0).sum() < 30

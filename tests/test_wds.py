@@ -198,6 +198,24 @@ def test_exact_path_every_kept_id_once_across_ranks_and_workers(shards):
     assert (counts == 2).sum() == pad
 
 
+def test_shard_blocks_prune_whole_tar_shards_of_any_size(tmp_path):
+    """block="shard" takes the blocks from the shard index: tars of different sample counts are
+    each kept or pruned whole (but for the one the granule partly restores)."""
+    sizes = [10, 55, 30, 70, 25, 50, 45, 15]
+    for s, size in enumerate(sizes):
+        write_tars(tmp_path / "data" / f"part{s}", shards=1, per_shard=size)
+        os.rename(tmp_path / "data" / f"part{s}" / "data-000000.tar", tmp_path / "data" / f"data-{s:06d}.tar")
+    pattern = str(tmp_path / "data" / "data-{000000..000007}.tar")
+    index_shards(pattern)
+    cfg = TEDConfig(target=0.5, warmup_epochs=1, ramp_epochs=0, block="shard")
+    ds = dataset(pattern, ted=cfg)
+    ds.start_epoch(0)
+    ds.record(np.arange(sum(sizes)), np.sin(np.arange(sum(sizes)) * 1.7))
+    mask = ds.start_epoch(1)
+    read = np.add.reduceat(mask.bools().astype(np.int64), np.cumsum(sizes) - sizes)
+    assert ((read > 0) & (read < sizes)).sum() <= 1 and 2 <= (read == 0).sum() <= 6
+
+
 def test_exact_path_reads_only_kept_bytes(shards, monkeypatch):
     ds = scored(shards)
     ds.start_epoch(1)

@@ -264,9 +264,12 @@ class TEDStreamingDataset(HasPruner, UpstreamDataset):
 
     def _select(self, table: ScoreTable, epoch: int) -> EpochMask:
         """The policy's mask; with a filter, the policy sees only the samples the filter keeps."""
+        # Each shard's first sample id: the blocks of TEDConfig.block="shard".
+        shards = np.cumsum(self.samples_per_shard) - self.samples_per_shard
         if self._filter is None:
-            return select(self.ted, table, epoch, self._granule(), self.groups)
-        return select_within(self.ted, table, epoch, np.flatnonzero(self._filter.bools()), self._granule(), self.groups)
+            return select(self.ted, table, epoch, self._granule(), self.groups, shards)
+        ids = np.flatnonzero(self._filter.bools())
+        return select_within(self.ted, table, epoch, ids, self._granule(), self.groups, shards)
 
     # ---- where the table lives -----------------------------------------------------------------
     @property

@@ -140,7 +140,8 @@ class TEDWebDataset(HasPruner, torch.utils.data.Dataset):
         if not isinstance(epoch, (int, np.integer)) or isinstance(epoch, bool) or epoch < 0:
             raise ValueError(f"start_epoch: epoch={epoch!r} is invalid: expected an integer >= 0")
         granule = self.world_size * self.batch_size
-        mask = self.pruner.freeze(int(epoch), lambda table, e: select(self.ted, table, e, granule, self.groups))
+        shards = np.asarray(self.index.starts[:-1])  # each shard's first sample id: block="shard"
+        mask = self.pruner.freeze(int(epoch), lambda table, e: select(self.ted, table, e, granule, self.groups, shards))
         if self._resume is not None and self._resume[0] != epoch:
             self._resume = None  # a checkpoint of another epoch says nothing about this one
         self._epoch = int(epoch)
