@@ -40,8 +40,9 @@ def select(
     ``shards``: each shard's first sample id, the blocks of ``TEDConfig.block="shard"`` (the
     loaders pass them; an empty shard's repeated id is allowed).
 
-    Every step works on dense per-sample arrays (no id lists, no sort, no shuffle), so a mask of
-    1e8 samples takes a few passes over memory and about a dozen bytes per sample.
+    Every step works on dense per-sample arrays in slices (no id lists, no sort, no shuffle), so
+    a mask takes a few passes over memory and a transient of about 3.25 bytes per sample with the
+    default ``ted`` policy (docs/scale.md).
     """
     n = table.num_samples
     if groups is not None and np.shape(groups) != (n,):
