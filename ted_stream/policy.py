@@ -311,6 +311,7 @@ Keys = Callable[[int, int], np.ndarray]
 every sample's key is held (2 bytes per sample, 2 GB at 1e9 samples)."""
 
 _CHUNK = 1 << 18  # samples per step of a pass: its temporaries stay in cache; even (see _random_keys)
+_WINDOW_SIGMAS = 8  # half-width of _uniform_draw's window around the expected cut, in standard deviations
 
 
 def _chunks(n: int) -> Iterator[tuple[int, int]]:
@@ -411,10 +412,13 @@ def _uniform_draw(
     out: Optional[np.ndarray] = None,
     exclude: Optional[np.ndarray] = None,
 ) -> np.ndarray:
-    """``m`` of ``members`` (but not ``exclude``) drawn uniformly, or-ed into ``out`` if given:
-    the ``m`` lowest of uniform random keys (exactly what ``_lowest`` would choose from the same
-    keys). Uniform keys put the cut near m / |members| of the key range, so only a window around
-    it is counted, not the whole histogram."""
+    """``m`` of ``members`` (but not ``exclude``) drawn uniformly, or-ed into ``out`` if given
+    (which must hold none of them): the ``m`` lowest of uniform random keys (exactly what
+    ``_lowest`` would choose from the same keys).
+
+    Uniform keys put the cut near m / |members| of the key range, so one pass chooses every
+    member below a window of ``_WINDOW_SIGMAS`` standard deviations around it and keeps the
+    window's few members aside; the cut among those needs no second pass over the keys."""
     n = len(members)
     keys = _random_keys(rng)
     size = _count(members) if exclude is None else sum(_count(_inside(members, exclude, s, e)) for s, e in _chunks(n))
@@ -424,22 +428,37 @@ def _uniform_draw(
     if m <= 0 or m >= size:
         return _lowest(keys, members, m, rng, out, exclude)  # nothing or everything: no histogram is needed
     q = m / size
-    width = 8 * math.sqrt(size * q * (1 - q)) / size * (1 << 16) + 2  # 8 standard deviations, in keys
+    width = _WINDOW_SIGMAS * math.sqrt(size * q * (1 - q)) / size * (1 << 16) + 2  # in keys
     lo, hi = max(0, int(q * (1 << 16) - width)), min(1 << 16, int(q * (1 << 16) + width) + 1)
-    below, hist = 0, np.zeros(hi - lo, dtype=np.int64)
+    chosen = np.zeros(n, dtype=bool) if out is None else out
+    below, at, near = 0, [], []  # members below the window; the window's members and their keys
     for s, e in _chunks(n):
         key, inside = keys(s, e), _inside(members, exclude, s, e)
-        window = key < lo
-        window &= inside
-        below += int(np.count_nonzero(window))
-        np.greater_equal(key, lo, out=window)
+        sure = key < lo
+        sure &= inside
+        below += int(np.count_nonzero(sure))
+        chosen[s:e] |= sure
+        window = np.greater_equal(key, lo, out=sure)
         window &= key < hi
         window &= inside
-        hist += np.bincount(key[window] - lo, minlength=hi - lo)
-    if not below < m <= below + hist.sum():  # outside 8 deviations: count everything
-        return _lowest(keys, members, m, rng, out, exclude)
+        where = np.flatnonzero(window)
+        at.append(where + s)
+        near.append(key[where])
+    positions, window_keys = np.concatenate(at), np.concatenate(near)
+    if not below < m <= below + len(positions):  # outside the window (1e-15 at 8 deviations)
+        for s, e in _chunks(n):  # take back what the pass chose: out held none of these members
+            key, inside = keys(s, e), _inside(members, exclude, s, e)
+            sure = key < lo
+            sure &= inside
+            chosen[s:e] &= ~sure
+        return _lowest(keys, members, m, rng, chosen, exclude)
+    hist = np.bincount(window_keys - lo, minlength=hi - lo)
     cut = lo + int(np.searchsorted(np.cumsum(hist), m - below))
-    return _cut(keys, members, exclude, cut, m - below - int(hist[: cut - lo].sum()), rng, out)
+    chosen[positions[window_keys < cut]] = True
+    # The generator now stands where a pass over every key leaves it, as for _cut's tie-break.
+    tied = positions[window_keys == cut]
+    chosen[rng.permutation(tied)[: m - below - int(hist[: cut - lo].sum())]] = True
+    return chosen
 
 
 def _rounded(k: int, n: int, k_max: int, granule: int) -> int:

@@ -236,17 +236,23 @@ def test_uniform_draw_is_the_lowest_random_keys_found_through_a_window(size, m):
     np.testing.assert_array_equal(fast, slow)
 
 
-@pytest.mark.parametrize("chunk", [None, 1 << 10])
-def test_masks_are_the_draws_the_quality_evidence_used(chunk, monkeypatch):
+@pytest.mark.parametrize("chunk, sigmas", [(None, None), (1 << 10, None), (None, 0)])
+def test_masks_are_the_draws_the_quality_evidence_used(chunk, sigmas, monkeypatch):
     """The quality grids in docs/quality.md were trained with exactly these masks: a change to the
     selection that draws different ones (even from the same distribution) fails here, and must
     come with re-run grids and a new digest. A pass in slices of 1,024 samples (98 of them, where
     the default slice holds every sample) draws the same: the masks of 1e9 samples, made in
-    slices, are the ones the whole-array code drew."""
+    slices, are the ones the whole-array code drew. So does a uniform draw whose window misses
+    the cut (0 deviations wide: it takes back what its pass chose and counts every key)."""
     from ted_stream import policy
 
     if chunk is not None:
         monkeypatch.setattr(policy, "_CHUNK", chunk)
+    if sigmas is not None:
+        monkeypatch.setattr(policy, "_WINDOW_SIGMAS", sigmas)
+        missed = []
+        real_lowest = policy._lowest
+        monkeypatch.setattr(policy, "_lowest", lambda *a, **kw: missed.append(1) or real_lowest(*a, **kw))
     import hashlib
     import itertools
     import warnings
@@ -270,6 +276,8 @@ def test_masks_are_the_draws_the_quality_evidence_used(chunk, monkeypatch):
                 digest.update(m.keep.tobytes() + (b"" if m.boost is None else m.boost.tobytes())
                               + repr(m.boost_weight).encode())
     assert digest.hexdigest() == "fc9ef4925e72726db69653a90349c6050730b05002e00fa09bf825d14580ca7b"
+    if sigmas is not None:
+        assert len(missed) > 100  # 56 calls (pools, trims) at 8 deviations: here some 70 windows missed
 
 
 # ---- alpha: a family from random pruning at the same loss scale (0) to pool-only pruning (1) ----
