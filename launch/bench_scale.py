@@ -10,14 +10,16 @@ batches and every kept sample is read exactly once. Each simulated row also reco
 and peak resident memory of its phases. At 1,024 ranks the peak is about 11.6 bytes per sample
 (12.5 GB at 1e9, with the interpreter's 0.9 GB): streaming's partition, whose copies peak at 16
 bytes per kept sample, beside the table; or the merge's two whole tables (the holders' and the
-all-gather's) beside the epoch's records (8 bytes each). With few ranks, record's and route's
-whole-array temporaries over one rank's (or one owner's) records add ~110 bytes per record of
-that batch: 1e9 samples x 8 ranks would need ~18.7 GB.
+all-gather's) beside the epoch's records (8 bytes each). With few ranks, route's whole-array
+temporaries over one rank's records and record's over 2**21 of an owner's add to it: 1e9 samples
+x 8 ranks peaked at 14.1 GB (docs/scale.md).
 
     .venv/bin/python launch/bench_scale.py --simulate 10000000 100000000 --freeze 1000000000 \
         --out docs/results/scale.json --plot docs/results/scale.png
     .venv/bin/python launch/bench_scale.py --simulate 100000000 1000000000 --ranks 1024 --no-resident \
         --out docs/results/scale_1e9.json --plot ''
+    .venv/bin/python launch/bench_scale.py --simulate 1000000000 --ranks 8 --no-resident \
+        --out docs/results/scale_1e9_r8.json --plot ''
 """
 from __future__ import annotations
 
